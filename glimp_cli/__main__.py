@@ -1,0 +1,3 @@
+from glimp_cli.cli import main
+
+main()

@@ -1,0 +1,173 @@
+"""The Backend protocol, and the token loop shared by backends that evaluate token by token."""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from glimp_cli.sampling import Sampling, sample_token
+
+TextSink = Callable[[str], None]
+
+
+class ContextFull(Exception):
+    """Raised by `extend` when the tokens would not fit the model's context window."""
+
+
+@dataclass(frozen=True)
+class StepStop:
+    """When a step ends: at the delimiter, a stop string, an answer marker, or a token limit."""
+
+    delimiter: str
+    stop_strings: tuple[str, ...] = ()
+    answer_markers: tuple[str, ...] = ()  # end the step as soon as one appears (a small-model draft)
+    max_new_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class Written:
+    """What one `write` produced: the step text (delimiter excluded) and every generated token."""
+
+    text: str
+    tokens: tuple[int, ...]
+    reason: str  # delimiter | eos | stop_string | marker | length | context_full
+    seconds: float
+
+
+class Backend(Protocol):
+    """One model with its own context (KV cache) that lives for a whole trace."""
+
+    name: str
+    n_ctx: int
+    n_vocab: int
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    evaluated: int  # tokens this backend has evaluated since it was created
+
+    @property
+    def tokens(self) -> Sequence[int]:
+        """The token ids now in the context."""
+
+    def tokenize(self, text: str, special: bool = False, bos: bool = False) -> list[int]:
+        """Token ids of `text`."""
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for."""
+
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens."""
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Evaluate `tokens` after the context; raise ContextFull if they do not fit."""
+
+    def rewind(self, n_tokens: int) -> None:
+        """Drop the context after its first `n_tokens` tokens."""
+
+    def next_logits(self) -> np.ndarray:
+        """Full-vocabulary logits of the next token given the context."""
+
+    def write(self, first_token: int | None, stop: StepStop, sampling: Sampling,
+              rng: np.random.Generator, on_text: TextSink | None = None) -> Written:
+        """Generate one step, starting with `first_token` when given (the kept probe token)."""
+
+    def close(self) -> None:
+        """Release the model."""
+
+
+class StepScanner:
+    """Finds where a step ends in decoded text, and streams only text that is surely the step's."""
+
+    def __init__(self, stop: StepStop, on_text: TextSink | None):
+        self._stop = stop
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._on_text = on_text
+        self._watched = (stop.delimiter, *stop.stop_strings, *stop.answer_markers)
+        self.buffer = ""
+        self.text = ""
+        self._emitted = 0
+
+    def feed(self, piece: bytes) -> str | None:
+        """Add one token's bytes; return why the step ends here, or None."""
+        self.buffer += self._decoder.decode(piece)
+        end = self._end()
+        if end is None:
+            self._emit(len(self.buffer) - self._held_back())
+            return None
+        self.text = self.buffer[: end[0]]
+        self._emit(len(self.text))
+        return end[1]
+
+    def close(self) -> None:
+        """End the step where generation stopped (end of generation, a token limit)."""
+        self.buffer += self._decoder.decode(b"", final=True)
+        self.text = self.buffer
+        self._emit(len(self.text))
+
+    def _end(self) -> tuple[int, str] | None:
+        found = []
+        for s in self._stop.stop_strings:
+            i = self.buffer.find(s)
+            if i >= 0:
+                found.append((i, "stop_string"))
+        for m in self._stop.answer_markers:
+            i = self.buffer.find(m)
+            if i >= 0:
+                found.append((i, "marker"))
+        delim = self._stop.delimiter
+        i = self.buffer.find(delim)
+        # A delimiter before any text would make an empty step: keep it as leading whitespace.
+        while i >= 0 and not self.buffer[:i].strip():
+            i = self.buffer.find(delim, i + 1)
+        if i >= 0:
+            found.append((i, "delimiter"))
+        return min(found) if found else None
+
+    def _held_back(self) -> int:
+        """Length of the longest tail that could still grow into a watched string."""
+        tail = 0
+        for w in self._watched:
+            for k in range(min(len(w) - 1, len(self.buffer)), tail, -1):
+                if self.buffer.endswith(w[:k]):
+                    tail = k
+                    break
+        return tail
+
+    def _emit(self, upto: int) -> None:
+        if self._on_text and upto > self._emitted:
+            self._on_text(self.buffer[self._emitted:upto])
+        self._emitted = max(self._emitted, upto)
+
+
+def write_tokens(backend: Backend, first_token: int | None, stop: StepStop, sampling: Sampling,
+                 rng: np.random.Generator, on_text: TextSink | None = None) -> Written:
+    """The decode loop: sample, evaluate, scan; the end-of-generation token is never evaluated."""
+    start = perf_counter()
+    scanner = StepScanner(stop, on_text)
+    tokens: list[int] = []
+    token = first_token
+    reason = "length"
+    while len(tokens) < stop.max_new_tokens:
+        if token is None:
+            token = sample_token(backend.next_logits(), sampling, rng)
+        if backend.is_eog(token):
+            reason = "eos"
+            break
+        try:
+            backend.extend((token,))
+        except ContextFull:
+            reason = "context_full"
+            break
+        tokens.append(token)
+        ended = scanner.feed(backend.token_bytes(token))
+        if ended:
+            reason = ended
+            break
+        token = None
+    if reason in ("eos", "length", "context_full"):
+        scanner.close()
+    return Written(scanner.text, tuple(tokens), reason, perf_counter() - start)

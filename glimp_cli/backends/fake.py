@@ -1,0 +1,136 @@
+"""A scripted fake backend for exact, fast tests of the routing loop through the real seam.
+
+Each step of a script says what H_init the small model's probe shows and what text each model
+writes if it gets the step. The tokenizer mimics SmolLM2's trap: a text that ENDS in a blank
+line tokenizes it as one merged token, running text as two newlines; a probe after the merged
+form shows H_init + WRONG_FORM_PENALTY, so a loop that uses the wrong form is caught.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from glimp_cli.backends.base import ContextFull, StepStop, TextSink, Written, write_tokens
+from glimp_cli.sampling import Sampling
+
+EOG, BOS, MERGED_BLANK_LINE = 0, 1, 2
+FIRST_CHAR = 3
+N_VOCAB = 1024
+PROMPT_END = "A:\n"  # the fake's prompt template must end its prompt with this
+END = "<eos>"  # a scripted text ending in this ends generation instead of writing the delimiter
+WRONG_FORM_PENALTY = 1.0
+
+
+@dataclass(frozen=True)
+class ScriptedStep:
+    """What happens at one step: the probe's H_init and each model's text for it."""
+
+    h_init: float
+    small: str
+    large: str
+
+
+def logits_with_entropy(h: float, top: int, n_vocab: int = N_VOCAB) -> np.ndarray:
+    """Logits whose softmax has entropy `h` nats and its maximum at `top`."""
+    rest = n_vocab - 1
+
+    def entropy(p: float) -> float:
+        q = (1 - p) / rest
+        return -(p * math.log(p) if p > 0 else 0.0) - (rest * q * math.log(q) if q > 0 else 0.0)
+
+    h = min(max(h, 0.0), math.log(n_vocab))
+    lo, hi = 1.0 / n_vocab, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if entropy(mid) > h else (lo, mid)
+    p = (lo + hi) / 2
+    probs = np.full(n_vocab, (1 - p) / rest)
+    probs[top] = p
+    return np.log(np.maximum(probs, 1e-300)).astype(np.float32)
+
+
+class FakeBackend:
+    """Writes its role's scripted text; counts evaluated tokens like a real backend."""
+
+    def __init__(self, name: str, role: str, script: Sequence[ScriptedStep], n_ctx: int = 4096,
+                 writes_merged: bool = False):
+        self.name = name
+        self.role = role
+        self.script = list(script)
+        self.n_ctx = n_ctx
+        self.n_vocab = N_VOCAB
+        self.chat_template = None
+        self.bos_token = ""
+        self.eos_token = ""
+        self.evaluated = 0
+        self.extend_calls: list[tuple[int, ...]] = []
+        self._tokens: list[int] = []
+        self.closed = False
+        self.writes_merged = writes_merged  # write a blank line as the merged token, not as two newlines
+
+    @property
+    def tokens(self) -> Sequence[int]:
+        return self._tokens
+
+    def tokenize(self, text: str, special: bool = False, bos: bool = False) -> list[int]:
+        ids = [FIRST_CHAR + ord(c) if ord(c) < N_VOCAB - FIRST_CHAR else FIRST_CHAR + ord("?") for c in text]
+        if text.endswith("\n\n"):
+            ids[-2:] = [MERGED_BLANK_LINE]
+        return ([BOS] if bos else []) + ids
+
+    def token_bytes(self, token: int) -> bytes:
+        if token == MERGED_BLANK_LINE:
+            return b"\n\n"
+        if token < FIRST_CHAR:
+            return b""
+        return chr(token - FIRST_CHAR).encode()
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOG
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        if len(self._tokens) + len(tokens) > self.n_ctx:
+            raise ContextFull(self.name)
+        self._tokens += list(tokens)
+        self.evaluated += len(tokens)
+        self.extend_calls.append(tuple(tokens))
+
+    def rewind(self, n_tokens: int) -> None:
+        del self._tokens[n_tokens:]
+
+    def _trace_text(self) -> str:
+        text = b"".join(self.token_bytes(t) for t in self._tokens).decode()
+        return text.split(PROMPT_END, 1)[1] if PROMPT_END in text else ""
+
+    def next_logits(self) -> np.ndarray:
+        trace = self._trace_text()
+        index = trace.count("\n\n")
+        partial = trace.rsplit("\n\n", 1)[-1]
+        target = getattr(self.script[index], self.role) if index < len(self.script) else END
+        full = target[: -len(END)] + END if target.endswith(END) else target + "\n\n"
+        remaining = full[len(partial):] if full.startswith(partial) else END
+        if not remaining or remaining.startswith(END):
+            top = EOG
+        elif self.writes_merged and remaining.startswith("\n\n"):
+            top = MERGED_BLANK_LINE
+        else:
+            top = self.tokenize(remaining[0])[0]
+        if partial == "" and self.role == "small" and index < len(self.script):
+            h = self.script[index].h_init
+            if self._tokens and self._tokens[-1] == MERGED_BLANK_LINE:
+                h += WRONG_FORM_PENALTY
+            return logits_with_entropy(h, top)
+        logits = np.zeros(N_VOCAB, dtype=np.float32)
+        logits[top] = 60.0
+        return logits
+
+    def write(self, first_token: int | None, stop: StepStop, sampling: Sampling,
+              rng: np.random.Generator, on_text: TextSink | None = None) -> Written:
+        return write_tokens(self, first_token, stop, sampling, rng, on_text)
+
+    def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,320 @@
+"""models.yaml: a registry of models and pairs, loaded into validated frozen objects.
+
+Lookup: the packaged models.yaml is always the base; the first of `--config`, `$GLIMP_CONFIG`
+and the user's config file (`$XDG_CONFIG_HOME/glimp/models.yaml`) that exists is layered on
+top of it, its entries replacing packaged entries of the same name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from glimp_cli.entropy import parse_estimator
+from glimp_cli.errors import ConfigError
+
+CONFIG_ENV = "GLIMP_CONFIG"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model's GGUF comes from: exactly one of `path`, `package`, `hf_repo`."""
+
+    path: str | None = None
+    package: str | None = None
+    file: str | None = None
+    assemble: str | None = None
+    hf_repo: str | None = None
+    hf_file: str | None = None
+    revision: str | None = None
+    install: str | None = None  # what to pip install when `package` is missing
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes a model's prompt, and what marks its final answer.
+
+    `chat` renders the GGUF's chat template (system + user turn, then `prefill` inside the
+    assistant turn, e.g. "<think>\\n" for reasoning models); `plain` fills `template`.
+    """
+
+    style: str = "chat"
+    system: str | None = None
+    user: str = "{question}"
+    template: str | None = None
+    prefill: str = ""
+    answer_marker: str | None = None
+    answer_until_eos: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the registry."""
+
+    name: str
+    backend: str = "llama_cpp"
+    source: Source | None = None
+    prompt: PromptFormat = field(default_factory=PromptFormat)
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_gpu_layers: int = 0
+    threads: int | None = None
+    stop: tuple[str, ...] = ()
+    # HTTP backend (OpenAI-compatible servers).
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    timeout: float = 60.0
+    max_retries: int = 2
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """A small/large pair and its routing and sampling settings."""
+
+    name: str
+    small: str
+    large: str
+    tau: float = 1.0
+    delimiter: str = "\n\n"
+    estimator: str = "exact"
+    mode: str = "glimp"
+    large_share: float = 0.5
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    max_tokens: int = 1024
+    max_step_tokens: int = 256
+
+
+@dataclass
+class Registry:
+    """Models and pairs from the layered config files, with per-entry load errors kept aside."""
+
+    models: dict[str, ModelSpec]
+    pairs: dict[str, PairSpec]
+    default_pair: str
+    files: list[Path]
+    origin: dict[str, Path]  # "models.<name>" / "pairs.<name>" -> file it came from
+    broken: dict[str, ConfigError]  # same keys -> why that entry failed to load
+
+    def model(self, name: str) -> ModelSpec:
+        """The model called `name`, or a ConfigError naming the entry's problem."""
+        return self._entry("models", name, self.models)
+
+    def pair(self, name: str | None = None) -> PairSpec:
+        """The pair called `name` (default pair when None)."""
+        return self._entry("pairs", name or self.default_pair, self.pairs)
+
+    def _entry(self, section: str, name: str, table: dict) -> Any:
+        key = f"{section}.{name}"
+        if key in self.broken:
+            raise self.broken[key]
+        if name not in table:
+            known = ", ".join(sorted(table)) or "none"
+            where = ", ".join(str(f) for f in self.files)
+            raise ConfigError(f"no {section[:-1]} named {name!r} in {where} (known: {known})")
+        return table[name]
+
+
+def packaged_config() -> Path:
+    """The models.yaml shipped inside the package."""
+    return Path(str(resources.files("glimp_cli").joinpath("models.yaml")))
+
+
+def user_config() -> Path:
+    """The user's models.yaml under the XDG config directory."""
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "glimp" / "models.yaml"
+
+
+def config_overlay(explicit: str | Path | None) -> Path | None:
+    """The file layered over the packaged default: --config, $GLIMP_CONFIG, or the user file."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (from --config)")
+        return path
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (from ${CONFIG_ENV})")
+        return path
+    path = user_config()
+    return path if path.is_file() else None
+
+
+def load_registry(explicit: str | Path | None = None) -> Registry:
+    """Load the packaged registry and layer the user's file over it."""
+    registry = Registry({}, {}, "default", [], {}, {})
+    files = [packaged_config()]
+    overlay = config_overlay(explicit)
+    if overlay is not None:
+        files.append(overlay)
+    for path in files:
+        _layer(registry, path)
+    if f"pairs.{registry.default_pair}" not in registry.origin:
+        raise ConfigError(f"{files[-1]}: default_pair {registry.default_pair!r} names no pair")
+    return registry
+
+
+def _layer(registry: Registry, path: Path) -> None:
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    unknown = set(data) - {"default_pair", "models", "pairs", "prompts"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key {sorted(unknown)[0]!r}")
+    registry.files.append(path)
+    prompts = _mapping(data.get("prompts"), path, "prompts")
+    for name, raw in _mapping(data.get("models"), path, "models").items():
+        _add(registry, "models", name, path, lambda: _model(name, raw, prompts, path))
+    for name, raw in _mapping(data.get("pairs"), path, "pairs").items():
+        _add(registry, "pairs", name, path, lambda: _pair(name, raw, path))
+    if "default_pair" in data:
+        registry.default_pair = _check(data["default_pair"], str, path, "default_pair")
+
+
+def _add(registry: Registry, section: str, name: str, path: Path, build) -> None:
+    key = f"{section}.{name}"
+    table = getattr(registry, section)
+    registry.origin[key] = path
+    table.pop(name, None)
+    registry.broken.pop(key, None)
+    try:
+        table[name] = build()
+    except ConfigError as exc:
+        registry.broken[key] = exc
+
+
+def _mapping(value: Any, path: Path, key: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: {key}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _model(name: str, raw: Any, prompts: dict, path: Path) -> ModelSpec:
+    where = f"models.{name}"
+    raw = dict(_mapping(raw, path, where))
+    prompt = raw.get("prompt")
+    if isinstance(prompt, str):
+        if prompt not in prompts:
+            raise ConfigError(f"{path}: {where}.prompt: no prompt named {prompt!r} under prompts")
+        raw["prompt"] = prompts[prompt]
+        prompt_where = f"prompts.{prompt}"
+    else:
+        prompt_where = f"{where}.prompt"
+    spec = _build(ModelSpec, {"name": name, **raw}, path, where, {"prompt": prompt_where})
+    if spec.prompt.style not in ("chat", "plain"):
+        raise ConfigError(f"{path}: {prompt_where}.style: {spec.prompt.style!r} is not 'chat' or 'plain'")
+    if spec.prompt.style == "plain" and "{question}" not in (spec.prompt.template or ""):
+        raise ConfigError(f"{path}: {prompt_where}.template: a plain prompt needs a template with {{question}}")
+    if spec.backend == "llama_cpp":
+        _check_source(spec.source, path, where)
+    for key in ("n_ctx", "n_batch"):
+        if getattr(spec, key) < 1:
+            raise ConfigError(f"{path}: {where}.{key}: must be a positive integer")
+    return spec
+
+
+def _check_source(source: Source | None, path: Path, where: str) -> None:
+    kinds = [k for k in ("path", "package", "hf_repo") if source and getattr(source, k)]
+    if len(kinds) != 1:
+        raise ConfigError(f"{path}: {where}.source: give exactly one of path, package, hf_repo")
+    if source.package and not (source.file or source.assemble):
+        raise ConfigError(f"{path}: {where}.source: a package source needs `file` (and `assemble` to build it)")
+    if source.hf_repo and not source.hf_file:
+        raise ConfigError(f"{path}: {where}.source.hf_file: required with hf_repo")
+
+
+def _pair(name: str, raw: Any, path: Path) -> PairSpec:
+    where = f"pairs.{name}"
+    spec = _build(PairSpec, {"name": name, **_mapping(raw, path, where)}, path, where)
+    try:
+        parse_estimator(spec.estimator)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {where}.estimator: {exc}") from None
+    check_pair_values(spec, lambda key: f"{path}: {where}.{key}")
+    return spec
+
+
+def check_pair_values(spec: PairSpec, where) -> None:
+    """Range checks shared by the file loader and command-line overrides."""
+    if not spec.delimiter:
+        raise ConfigError(f"{where('delimiter')}: must not be empty")
+    if spec.temperature < 0:
+        raise ConfigError(f"{where('temperature')}: must be >= 0")
+    if not 0 < spec.top_p <= 1:
+        raise ConfigError(f"{where('top_p')}: must be in (0, 1]")
+    if not 0 <= spec.large_share <= 1:
+        raise ConfigError(f"{where('large_share')}: must be between 0 and 1")
+    for key in ("max_tokens", "max_step_tokens"):
+        if getattr(spec, key) < 1:
+            raise ConfigError(f"{where(key)}: must be a positive integer")
+
+
+def _build(cls, raw: dict, path: Path, where: str, nested_where: dict | None = None):
+    """Build dataclass `cls` from `raw`, refusing unknown keys and wrong types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise ConfigError(f"{path}: {where}: unknown key {sorted(unknown)[0]!r}")
+    values = {}
+    for key, value in raw.items():
+        key_where = (nested_where or {}).get(key, f"{where}.{key}")
+        values[key] = _convert(value, hints[key], path, key_where)
+    missing = [
+        name for name, f in fields.items()
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{path}: {where}: missing key {missing[0]!r}")
+    return cls(**values)
+
+
+def _convert(value: Any, hint: Any, path: Path, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, path, where)
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{path}: {where}: expected a list of strings")
+        return tuple(_check(item, str, path, where) for item in items)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, _mapping(value, path, where), path, where)
+    return _check(value, hint, path, where)
+
+
+def _check(value: Any, kind: type, path: Path, where: str) -> Any:
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", ".inf", "-.inf"):
+        return float(value.strip().lower().replace(".", ""))
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    raise ConfigError(f"{path}: {where}: expected {names.get(kind, kind.__name__)}, got {value!r}")

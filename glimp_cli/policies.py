@@ -1,0 +1,72 @@
+"""Routing policies: small callables that map a step's H_init to the model that writes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+
+from glimp_cli.errors import ConfigError
+
+Role = Literal["small", "large"]
+SMALL: Role = "small"
+LARGE: Role = "large"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Chooses `small` or `large` per step.
+
+    `needs_probe` False means no H_init is computed (and the small model does no work);
+    `large_answers` False lets the small model write the final answer too (small-alone).
+    """
+
+    name: str
+    choose: Callable[[float | None, np.random.Generator], Role]
+    needs_probe: bool = True
+    large_answers: bool = True
+
+    def __call__(self, h_init: float | None, rng: np.random.Generator) -> Role:
+        return self.choose(h_init, rng)
+
+
+def threshold(tau: float) -> Policy:
+    """GlimpRouter: the small model keeps a step whose H_init <= tau."""
+    return Policy(f"glimp(tau={tau:g})", lambda h, rng: SMALL if h is not None and h <= tau else LARGE)
+
+
+def always_small() -> Policy:
+    """Small-alone baseline: every reasoning step by the small model."""
+    return Policy("small", lambda h, rng: SMALL, large_answers=False)
+
+
+def always_large(probe: bool = False) -> Policy:
+    """Large-alone baseline; `probe=True` records H_init at the cost of small-model catch-up."""
+    return Policy("large", lambda h, rng: LARGE, needs_probe=probe)
+
+
+def random_share(large_share: float) -> Policy:
+    """Random baseline: each step goes to the large model with probability `large_share`."""
+    if not 0.0 <= large_share <= 1.0:
+        raise ConfigError(f"large_share {large_share} is not between 0 and 1")
+    return Policy(
+        f"random(large_share={large_share:g})",
+        lambda h, rng: LARGE if rng.random() < large_share else SMALL,
+    )
+
+
+MODES = ("glimp", "small", "large", "random")
+
+
+def make_policy(mode: str, tau: float, large_share: float, probe_baseline: bool = False) -> Policy:
+    """The policy for a `--mode`; `probe_baseline` makes large mode record H_init."""
+    if mode == "glimp":
+        return threshold(tau)
+    if mode == "small":
+        return always_small()
+    if mode == "large":
+        return always_large(probe=probe_baseline)
+    if mode == "random":
+        return random_share(large_share)
+    raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")

@@ -1,0 +1,423 @@
+"""The probe-then-dispatch loop: a generator of frozen `Step` records, one per reasoning step."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from time import perf_counter
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+
+from glimp_cli.backends.base import Backend, ContextFull, StepStop, Written
+from glimp_cli.config import PromptFormat
+from glimp_cli.entropy import EstimatorSpec
+from glimp_cli.errors import ContextLimitError, UsageError
+from glimp_cli.policies import LARGE, SMALL, Policy, Role
+from glimp_cli.prompts import render_prompt
+from glimp_cli.sampling import Sampling, sample_token
+
+# Why a trace ended; a step's own stop_reason is one of these or delimiter / max_step_tokens.
+TRACE_STOPS = ("answer", "eos", "stop_string", "max_tokens", "context_full", "repetition", "interrupted")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One reasoning step: who wrote it, how hard it looked (H_init, nats) and what it cost."""
+
+    index: int
+    model: Role
+    h_init: float | None
+    text: str
+    tokens: int  # tokens the writer generated for this step
+    probe_seconds: float
+    generate_seconds: float
+    prefill_seconds: float  # prompt and catch-up prefill of either model before this step
+    prefill_tokens: int
+    discarded_tokens: int  # a small-model answer draft handed over to the large model
+    stop_reason: str
+
+    @property
+    def seconds(self) -> float:
+        return self.probe_seconds + self.generate_seconds + self.prefill_seconds
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "seconds": self.seconds}
+
+
+class StepListener(Protocol):
+    """Live consumer of a trace as it is written (the terminal view)."""
+
+    def step_started(self, index: int, model: Role, h_init: float | None) -> None: ...
+
+    def text(self, piece: str) -> None: ...
+
+    def draft_discarded(self, index: int, tokens: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    """Everything the loop needs besides the two models and the policy."""
+
+    delimiter: str = "\n\n"
+    estimator: EstimatorSpec = EstimatorSpec("exact")
+    sampling: Sampling = Sampling()
+    seed: int = 0
+    max_tokens: int = 1024
+    max_step_tokens: int = 256
+
+
+@dataclass
+class ModelSlot:
+    """A backend with its prompt format and stop strings, as one side of the pair."""
+
+    role: Role
+    backend: Backend
+    prompt: PromptFormat
+    stop: tuple[str, ...] = ()
+
+
+class _Side:
+    """Keeps one model's context equal to prompt + steps, each step in canonical tokens."""
+
+    def __init__(self, slot: ModelSlot, delimiter: str):
+        self.slot = slot
+        self.backend = slot.backend
+        self.delimiter = delimiter
+        self.delim_tokens = self._running_delimiter()
+        self._header: tuple[int, ...] | None = None
+        self.started = False
+        self.steps_seen = 0
+        self.context_len = 0
+        self.evaluated_at_start = 0
+
+    def _running_delimiter(self) -> tuple[int, ...]:
+        # H_init must not depend on who wrote the previous step. A tokenizer may merge a
+        # trailing delimiter into one token (SmolLM2: "\n\n" -> 1116) while the model writes
+        # it as it appears in running text (198, 198), and the probe after the two forms
+        # differs by ~0.8 nats on average (NOTES.md). So every context ends each step with
+        # the form the tokenizer gives when more text follows: the form the model writes.
+        sentinel = "A"
+        full = self.backend.tokenize(self.delimiter + sentinel)
+        target = self.delimiter.encode()
+        for k in range(len(full), 0, -1):
+            if b"".join(self.backend.token_bytes(t) for t in full[:k]) == target:
+                return tuple(full[:k])
+        return tuple(self.backend.tokenize(self.delimiter))
+
+    def continuation(self, text: str) -> list[int]:
+        """Tokens of `text` as it is tokenized in running text, right after a delimiter."""
+        if not text:
+            return []
+        toks = self.backend.tokenize(self.delimiter + text)
+        n = len(self.delim_tokens)
+        if tuple(toks[:n]) == self.delim_tokens:
+            return toks[n:]
+        return self.backend.tokenize(text)
+
+    def prompt_tokens(self, question: str) -> list[int]:
+        text = render_prompt(self.slot.prompt, question, self.backend.chat_template,
+                             self.backend.bos_token, self.backend.eos_token, self.backend.name)
+        # A chat template may already write the BOS token as text.
+        bos = not (self.backend.bos_token and text.startswith(self.backend.bos_token))
+        return self.backend.tokenize(text, special=True, bos=bos)
+
+    def header(self) -> tuple[int, ...]:
+        """The prompt tokens that do not depend on the question (reused across questions)."""
+        if self._header is None:
+            a, b = self.prompt_tokens("A"), self.prompt_tokens("B")
+            n = 0
+            while n < min(len(a), len(b)) and a[n] == b[n]:
+                n += 1
+            self._header = tuple(a[: max(0, n - 1)])  # the last shared token may merge with the question
+        return self._header
+
+    def start(self, question: str) -> int:
+        """Put the prompt in the context; returns the tokens evaluated.
+
+        The header and the question are always evaluated as two separate batches, so the cache
+        after `start` is the same whether or not the header was reused from an earlier question.
+        """
+        tokens = self.prompt_tokens(question)
+        if len(tokens) >= self.backend.n_ctx:
+            raise ContextLimitError(
+                f"the prompt is {len(tokens)} tokens but model {self.backend.name!r} has a context of "
+                f"{self.backend.n_ctx} (raise n_ctx in models.yaml or shorten the question)"
+            )
+        header = self.header()
+        anchor = len(header) if tuple(tokens[: len(header)]) == header else 0
+        before = self.backend.evaluated
+        if anchor and tuple(self.backend.tokens[:anchor]) == header:
+            self.backend.rewind(anchor)
+        else:
+            self.backend.rewind(0)
+            if anchor:
+                self.backend.extend(tokens[:anchor])
+        self.backend.extend(tokens[anchor:])
+        self.started = True
+        self.steps_seen = 0
+        self.context_len = len(tokens)
+        return self.backend.evaluated - before
+
+    def sync(self, texts: Sequence[str]) -> int:
+        """Catch up on steps the other model wrote, in one batch; returns tokens evaluated."""
+        pending: list[int] = []
+        for text in texts[self.steps_seen:]:
+            pending += self.continuation(text) + list(self.delim_tokens)
+        if pending:
+            self.backend.extend(pending)
+            self.context_len += len(pending)
+        self.steps_seen = len(texts)
+        return len(pending)
+
+    def final_length(self, texts: Sequence[str]) -> int:
+        """Context length once caught up on every step (tokenized, not evaluated)."""
+        unseen = texts[self.steps_seen:]
+        return self.context_len + sum(len(self.continuation(t)) + len(self.delim_tokens) for t in unseen)
+
+    def settle(self, written: Written, text: str) -> None:
+        """Make the writer's context end with `text` + the canonical delimiter, keeping its own tokens."""
+        target = text.encode()
+        kept, acc = 0, b""
+        for tok in written.tokens:
+            piece = self.backend.token_bytes(tok)
+            if not target.startswith(acc + piece):
+                break
+            acc += piece
+            kept += 1
+        while kept and not _char_boundary(target, len(acc)):
+            kept -= 1
+            acc = acc[: len(acc) - len(self.backend.token_bytes(written.tokens[kept]))]
+        tail = self.continuation(target[len(acc):].decode()) + list(self.delim_tokens)
+        if list(written.tokens[kept:]) != tail:
+            self.backend.rewind(self.context_len + kept)
+            self.backend.extend(tail)
+        self.context_len += kept + len(tail)
+        self.steps_seen += 1
+
+
+def _char_boundary(data: bytes, n: int) -> bool:
+    try:
+        data[:n].decode()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.split())
+
+
+class Trace:
+    """One question's run: iterate it for `Step`s; afterwards it holds the trace-level results."""
+
+    def __init__(self, router: "Router", question: str, listener: StepListener | None):
+        self.router = router
+        self.question = question
+        self.listener = listener
+        self.steps: list[Step] = []
+        self.stop_reason: str | None = None
+        self.evaluated: dict[str, int] = {}
+        self.context_tokens: dict[str, int] = {}
+        self.wall_seconds = 0.0
+        self._started = False
+
+    def __iter__(self) -> Iterator[Step]:
+        if self._started:
+            raise RuntimeError("a Trace can be iterated once")
+        self._started = True
+        start = perf_counter()
+        try:
+            yield from self.router._run(self)
+        except KeyboardInterrupt:
+            self.stop_reason = "interrupted"
+            raise
+        finally:
+            self.wall_seconds = perf_counter() - start
+            texts = [step.text for step in self.steps]
+            for role, side in self.router._sides.items():
+                if side.started:
+                    self.evaluated[role] = side.backend.evaluated - side.evaluated_at_start
+                    self.context_tokens[role] = side.final_length(texts)
+
+    def run(self) -> "Trace":
+        """Drain the steps; returns self."""
+        for _ in self:
+            pass
+        return self
+
+    def summary(self) -> dict:
+        """Per-model steps and tokens, large share, probe and wall time, evaluated tokens."""
+        steps = {SMALL: 0, LARGE: 0}
+        tokens = {SMALL: 0, LARGE: 0}
+        for step in self.steps:
+            steps[step.model] += 1
+            tokens[step.model] += step.tokens
+        n_steps, n_tokens = sum(steps.values()), sum(tokens.values())
+        return {
+            "steps": steps,
+            "tokens": tokens,
+            "large_share_steps": steps[LARGE] / n_steps if n_steps else 0.0,
+            "large_share_tokens": tokens[LARGE] / n_tokens if n_tokens else 0.0,
+            "discarded_tokens": sum(step.discarded_tokens for step in self.steps),
+            "probe_seconds": sum(step.probe_seconds for step in self.steps),
+            "prefill_seconds": sum(step.prefill_seconds for step in self.steps),
+            "wall_seconds": self.wall_seconds,
+            "tokens_per_second": n_tokens / self.wall_seconds if self.wall_seconds else 0.0,
+            "evaluated_tokens": dict(self.evaluated),
+            "context_tokens": dict(self.context_tokens),
+        }
+
+    def to_dict(self) -> dict:
+        """The whole trace as plain data (the `--json` output)."""
+        return {
+            "question": self.question,
+            "policy": self.router.policy.name,
+            "stop_reason": self.stop_reason,
+            "answer_text": self.answer_text,
+            "steps": [step.to_dict() for step in self.steps],
+            "summary": self.summary(),
+        }
+
+    @property
+    def answer_text(self) -> str:
+        """The final answer: from the first step stating an answer marker to the end."""
+        markers = self.router.answer_markers
+        for i, step in enumerate(self.steps):
+            if any(m in step.text for m in markers):
+                return self.router.delimiter.join(s.text for s in self.steps[i:])
+        return self.steps[-1].text if self.steps else ""
+
+
+class Router:
+    """Routes each step of a trace between a small and a large model."""
+
+    def __init__(self, small: ModelSlot, large: ModelSlot, policy: Policy, settings: RouteSettings):
+        self.policy = policy
+        self.settings = settings
+        self.delimiter = settings.delimiter
+        self._sides = {SMALL: _Side(small, settings.delimiter), LARGE: _Side(large, settings.delimiter)}
+        self.answer_markers = tuple(
+            m for m in {small.prompt.answer_marker, large.prompt.answer_marker} if m
+        )
+        self.answer_until_eos = large.prompt.answer_until_eos
+
+    def run(self, question: str, listener: StepListener | None = None) -> Trace:
+        """A trace for `question`; nothing runs until it is iterated."""
+        if not question.strip():
+            raise UsageError("the question is empty")
+        return Trace(self, question, listener)
+
+    def _stop(self, role: Role, limit: int, preempt: bool) -> StepStop:
+        side = self._sides[role]
+        return StepStop(self.delimiter, side.slot.stop, self.answer_markers if preempt else (), limit)
+
+    def _run(self, trace: Trace) -> Iterator[Step]:
+        s = self.settings
+        policy = self.policy
+        rng = np.random.default_rng([s.seed, _stable_hash(trace.question)])
+        listener = trace.listener
+        on_text = listener.text if listener else None
+        small, large = self._sides[SMALL], self._sides[LARGE]
+        for side in (small, large):
+            side.started = False
+            side.evaluated_at_start = side.backend.evaluated
+        large_answers = policy.large_answers
+        texts: list[str] = []
+        seen: set[str] = set()
+        generated = 0
+        answer_phase = False
+
+        def ensure(side: _Side) -> tuple[float, int]:
+            t0 = perf_counter()
+            n = 0 if side.started else side.start(trace.question)
+            n += side.sync(texts)
+            return perf_counter() - t0, n
+
+        while True:
+            index = len(trace.steps)
+            prefill_s, prefill_n, probe_s = 0.0, 0, 0.0
+            h_init: float | None = None
+            logits = None
+            try:
+                if not answer_phase and policy.needs_probe:
+                    prefill_s, prefill_n = ensure(small)
+                    t0 = perf_counter()
+                    logits = small.backend.next_logits()
+                    h_init = s.estimator.from_logits(logits)
+                    probe_s = perf_counter() - t0
+                role = LARGE if answer_phase else policy(h_init, rng)
+                budget = s.max_tokens - generated
+                limit = min(s.max_step_tokens, budget)
+                if listener:
+                    listener.step_started(index, role, h_init)
+                discarded, draft_s = 0, 0.0
+                if role == SMALL:
+                    if logits is None:
+                        t, n = ensure(small)
+                        prefill_s, prefill_n = prefill_s + t, prefill_n + n
+                        logits = small.backend.next_logits()
+                    first = sample_token(logits, s.sampling, rng)
+                    written = small.backend.write(first, self._stop(SMALL, limit, large_answers), s.sampling, rng, on_text)
+                    handover = written.reason in ("marker", "stop_string") or (
+                        written.reason == "eos" and not written.text.strip())
+                    if large_answers and handover:
+                        # The large model writes the final answer: drop the small model's draft of it.
+                        small.backend.rewind(small.context_len)
+                        discarded, draft_s = len(written.tokens), written.seconds
+                        role, answer_phase = LARGE, True
+                        if listener:
+                            listener.draft_discarded(index, discarded)
+                            listener.step_started(index, role, h_init)
+                    elif large_answers and written.reason == "eos":
+                        answer_phase = True
+                if role == LARGE:
+                    t, n = ensure(large)
+                    prefill_s, prefill_n = prefill_s + t, prefill_n + n
+                    written = large.backend.write(None, self._stop(LARGE, limit, False), s.sampling, rng, on_text)
+            except ContextFull:
+                trace.stop_reason = "context_full"
+                return
+
+            generated += len(written.tokens)
+            step_reason = written.reason
+            if step_reason == "length":
+                step_reason = "max_tokens" if limit == budget else "max_step_tokens"
+            end = step_reason if step_reason in ("eos", "stop_string", "context_full", "max_tokens") else None
+            if role == SMALL and answer_phase and step_reason == "eos":
+                end = None  # the small model thinks it is done: the large model writes the answer next
+            if any(m in written.text for m in self.answer_markers) and (role == LARGE or not large_answers):
+                if self.answer_until_eos:
+                    answer_phase = True
+                elif end in (None, "eos", "stop_string"):
+                    end = "answer"
+            key = _normalized(written.text)
+            if end is None and key in seen:
+                end = "repetition"
+            seen.add(key)
+            texts.append(written.text)
+            writer = self._sides[role]
+            if end is None:
+                try:
+                    writer.settle(written, written.text)
+                except ContextFull:
+                    end = "context_full"
+            if end:
+                writer.context_len += len(written.tokens)
+                writer.steps_seen += 1
+            step = Step(
+                index=index, model=role, h_init=h_init, text=written.text, tokens=len(written.tokens),
+                probe_seconds=probe_s, generate_seconds=written.seconds + draft_s,
+                prefill_seconds=prefill_s, prefill_tokens=prefill_n, discarded_tokens=discarded,
+                stop_reason=end or step_reason,
+            )
+            trace.steps.append(step)
+            yield step
+            if end:
+                trace.stop_reason = end
+                return
+
+
+def _stable_hash(text: str) -> int:
+    """A seed component that is the same for a question in every run and process."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")

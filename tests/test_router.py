@@ -1,0 +1,202 @@
+"""Exact tests of the routing loop on the scripted fake pair (fast, no model)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import FAKE_PROMPT, fake_router
+from glimp_cli.backends.fake import WRONG_FORM_PENALTY, FakeBackend, ScriptedStep as S
+from glimp_cli.config import PromptFormat
+from glimp_cli.errors import ContextLimitError, UsageError
+from glimp_cli.policies import always_large, always_small, random_share, threshold
+from glimp_cli.router import ModelSlot, RouteSettings, Router
+
+SCRIPT = [
+    S(0.5, "small one", "LARGE ONE"),
+    S(2.0, "small two", "LARGE TWO"),
+    S(0.3, "small three", "LARGE THREE"),
+    S(1.5, "small four", "LARGE FOUR"),
+    S(0.1, "The answer is 4.", "The answer is 42."),
+]
+
+
+def run(router, question="q?"):
+    trace = router.run(question)
+    return trace, list(trace)
+
+
+def test_threshold_routes_each_step_and_large_writes_the_answer():
+    trace, steps = run(fake_router(SCRIPT, threshold(1.0)))
+    assert [s.model for s in steps] == ["small", "large", "small", "large", "large"]
+    assert [s.text for s in steps] == ["small one", "LARGE TWO", "small three", "LARGE FOUR", "The answer is 42."]
+    assert [s.h_init for s in steps] == pytest.approx([0.5, 2.0, 0.3, 1.5, 0.1], abs=1e-5)
+    assert trace.stop_reason == "answer"
+    assert trace.answer_text == "The answer is 42."
+    # The small model's draft of the answer was thrown away as soon as the marker appeared.
+    assert steps[-1].discarded_tokens == len("The answer is")
+    assert all(s.discarded_tokens == 0 for s in steps[:-1])
+
+
+def test_h_init_does_not_depend_on_who_wrote_the_previous_step():
+    # The fake shows H_init + penalty after the merged blank-line token: any step appended in
+    # the tokenizer's end-of-text form instead of the running form would shift these values.
+    for policy in (threshold(1.0), always_small(), threshold(-math.inf)):
+        policy_run = fake_router(SCRIPT, policy if policy.needs_probe else threshold(-1))
+        _, steps = run(policy_run)
+        probed = [s for s in steps if s.h_init is not None]
+        assert probed
+        for s in probed:
+            assert s.h_init == pytest.approx(SCRIPT[s.index].h_init, abs=1e-6)
+
+
+def test_a_writer_that_emits_the_merged_form_is_settled_to_the_running_form():
+    small = FakeBackend("s", "small", SCRIPT, writes_merged=True)
+    large = FakeBackend("l", "large", SCRIPT, writes_merged=True)
+    router = Router(ModelSlot("small", small, FAKE_PROMPT), ModelSlot("large", large, FAKE_PROMPT),
+                    threshold(1.0), RouteSettings())
+    _, steps = run(router)
+    assert [s.h_init for s in steps] == pytest.approx([0.5, 2.0, 0.3, 1.5, 0.1], abs=1e-5)
+    assert WRONG_FORM_PENALTY > 0.5
+
+
+def test_probe_token_is_kept_and_each_model_evaluates_its_context_once():
+    router = fake_router(SCRIPT, threshold(1.0))
+    trace, steps = run(router)
+    small = router._sides["small"].backend
+    # The first token the small model evaluates for its step is the probe's argmax, alone.
+    first_step_calls = small.extend_calls[2:]  # header and question batches come first
+    assert first_step_calls[0] == tuple(small.tokenize("s"))
+    large = router._sides["large"].backend
+    # No token is ever evaluated twice: only the small model's discarded answer draft is extra.
+    assert trace.evaluated["small"] == len(small.tokens) + steps[-1].discarded_tokens
+    assert trace.evaluated["large"] == len(large.tokens) == trace.context_tokens["large"]
+
+
+def test_large_step_leaves_nothing_of_the_probe_in_the_small_cache():
+    router = fake_router(SCRIPT[:2] + [S(0.1, "The answer is 1.", "The answer is 2.")], threshold(1.0))
+    trace, steps = run(router)
+    small = router._sides["small"].backend
+    text = b"".join(small.token_bytes(t) for t in small.tokens).decode()
+    assert text.endswith("A:\nsmall one\n\nLARGE TWO\n\n")
+
+
+def test_tau_infinite_is_all_small_but_the_answer_and_minus_infinite_all_large():
+    _, steps = run(fake_router(SCRIPT, threshold(math.inf)))
+    assert [s.model for s in steps] == ["small"] * 4 + ["large"]
+    _, steps = run(fake_router(SCRIPT, threshold(-math.inf)))
+    assert [s.model for s in steps] == ["large"] * 5
+
+
+def test_small_alone_writes_its_own_answer_and_large_alone_does_no_small_work():
+    trace, steps = run(fake_router(SCRIPT, always_small()))
+    assert [s.model for s in steps] == ["small"] * 5 and steps[-1].text == "The answer is 4."
+    assert "large" not in trace.evaluated
+    router = fake_router(SCRIPT, always_large())
+    trace, steps = run(router)
+    assert all(s.h_init is None and s.probe_seconds == 0 for s in steps)
+    assert router._sides["small"].backend.evaluated == 0 and "small" not in trace.evaluated
+
+
+def test_large_alone_with_probe_records_h_init():
+    _, steps = run(fake_router(SCRIPT, always_large(probe=True)))
+    assert [s.h_init for s in steps] == pytest.approx([0.5, 2.0, 0.3, 1.5, 0.1], abs=1e-5)
+
+
+def test_random_policy_is_seeded_and_hits_its_share():
+    script = [S(0.0, f"s{i}", f"L{i}") for i in range(400)]
+    a = [s.model for s in fake_router(script, random_share(0.3), seed=7, max_tokens=10**6).run("q")]
+    b = [s.model for s in fake_router(script, random_share(0.3), seed=7, max_tokens=10**6).run("q")]
+    c = [s.model for s in fake_router(script, random_share(0.3), seed=8, max_tokens=10**6).run("q")]
+    assert a == b and a != c
+    assert 0.22 < a.count("large") / len(a) < 0.38
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("max_tokens", "max_tokens"), ("repetition", "repetition"), ("eos", "eos"),
+    ("stop_string", "stop_string"), ("context_full", "context_full"),
+])
+def test_trace_stop_reasons(case, expected):
+    kwargs = {}
+    script = [S(0.1, "aaaa", "AAAA"), S(0.1, "bbbb", "BBBB"), S(2.0, "cccc", "CCCC")] * 3
+    if case == "max_tokens":
+        kwargs["max_tokens"] = 10
+    elif case == "eos":
+        script = [S(0.1, "aaaa", "AAAA"), S(2.0, "x", "done<eos>")]
+    elif case == "stop_string":
+        script = [S(0.1, "aaaa", "AAAA"), S(2.0, "x", "ok STOP here")]
+        kwargs["stop"] = ("STOP",)
+    elif case == "context_full":
+        script = [S(0.1 + 2 * (i % 2), f"s{i:03d}", f"L{i:03d}") for i in range(20)]
+        kwargs["n_ctx"] = 40
+    trace, steps = run(fake_router(script, threshold(1.0), **kwargs))
+    assert trace.stop_reason == expected
+    if case == "max_tokens":
+        assert sum(s.tokens for s in steps) == 10
+    if case == "repetition":
+        assert [s.text for s in steps] == ["aaaa", "bbbb", "CCCC", "aaaa"]
+    if case == "stop_string":
+        assert steps[-1].text == "ok " and steps[-1].model == "large"
+
+
+def test_max_step_tokens_ends_the_step_not_the_trace():
+    script = [S(0.1, "a" * 30, "A" * 30), S(2.0, "x", "The answer is 3.")]
+    trace, steps = run(fake_router(script, threshold(1.0), max_step_tokens=20))
+    assert steps[0].stop_reason == "max_step_tokens" and steps[0].text == "a" * 20
+    assert trace.stop_reason == "answer"
+
+
+def test_small_model_ending_early_hands_the_answer_to_the_large_model():
+    script = [S(0.1, "aaaa<eos>", "AAAA"), S(0.1, "zzz", "The answer is 1.")]
+    trace, steps = run(fake_router(script, threshold(1.0)))
+    assert [s.model for s in steps] == ["small", "large"]
+    assert trace.stop_reason == "answer"
+
+
+def test_prompt_longer_than_the_context_and_empty_question_are_refused():
+    with pytest.raises(ContextLimitError, match="context of 20"):
+        list(fake_router(SCRIPT, threshold(1.0), n_ctx=20).run("x" * 50))
+    with pytest.raises(UsageError):
+        fake_router(SCRIPT, threshold(1.0)).run("  ")
+
+
+def test_a_question_starts_from_a_clean_cache():
+    router = fake_router(SCRIPT, threshold(1.0))
+    first = [s.text for s in router.run("first question")]
+    again = [s.text for s in router.run("first question")]
+    other = fake_router(SCRIPT, threshold(1.0))
+    list(other.run("an unrelated question"))
+    after_other = [s.text for s in other.run("first question")]
+    assert first == again == after_other
+    small = router._sides["small"].backend
+    assert b"".join(small.token_bytes(t) for t in small.tokens).decode().count("Q:") == 1
+
+
+def test_streamed_text_is_exactly_the_step_text():
+    class Listener:
+        def __init__(self):
+            self.events = []
+
+        def step_started(self, index, model, h_init):
+            self.events.append(("start", index, model))
+
+        def text(self, piece):
+            self.events.append(("text", piece))
+
+        def draft_discarded(self, index, tokens):
+            self.events.append(("discard", index, tokens))
+
+    listener = Listener()
+    trace = fake_router(SCRIPT, threshold(1.0)).run("q", listener)
+    steps = list(trace)
+    streamed, current = {}, None
+    for event in listener.events:
+        if event[0] == "start":
+            current = event[1]
+            streamed[current] = ""
+        elif event[0] == "text":
+            streamed[current] += event[1]
+    assert streamed == {s.index: s.text for s in steps}
+    assert ("discard", 4, len("The answer is")) in listener.events
