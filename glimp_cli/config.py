@@ -104,6 +104,7 @@ class Registry:
     files: list[Path]
     origin: dict[str, Path]  # "models.<name>" / "pairs.<name>" -> file it came from
     broken: dict[str, ConfigError]  # same keys -> why that entry failed to load
+    pair_keys: dict[str, frozenset] = field(default_factory=dict)  # keys each pair sets in its file
 
     def model(self, name: str) -> ModelSpec:
         """The model called `name`, or a ConfigError naming the entry's problem."""
@@ -187,6 +188,7 @@ def _layer(registry: Registry, path: Path) -> None:
         _add(registry, "models", name, path, lambda: _model(name, raw, prompts, path))
     for name, raw in _mapping(data.get("pairs"), path, "pairs").items():
         _add(registry, "pairs", name, path, lambda: _pair(name, raw, path))
+        registry.pair_keys[name] = frozenset(raw) if isinstance(raw, dict) else frozenset()
     if "default_pair" in data:
         registry.default_pair = _check(data["default_pair"], str, path, "default_pair")
 
@@ -269,6 +271,27 @@ def check_pair_values(spec: PairSpec, where) -> None:
     for key in ("max_tokens", "max_step_tokens"):
         if getattr(spec, key) < 1:
             raise ConfigError(f"{where(key)}: must be a positive integer")
+
+
+def apply_overrides(pair: PairSpec, overrides: dict[str, tuple[Any, str]],
+                    file_keys: frozenset = frozenset()) -> tuple[PairSpec, dict[str, str]]:
+    """Apply command-line/environment values over a pair; returns it and where each setting came from.
+
+    Precedence: flag > environment > models.yaml > built-in default.
+    """
+    sources = {
+        f.name: ("models.yaml" if f.name in file_keys else "default")
+        for f in dataclasses.fields(PairSpec) if f.name != "name"
+    }
+    values = {}
+    for key, (value, source) in overrides.items():
+        values[key] = value
+        sources[key] = source
+    spec = dataclasses.replace(pair, **values)
+    if "estimator" in values:
+        parse_estimator(spec.estimator)
+    check_pair_values(spec, lambda key: f"{sources[key]} value for {key}")
+    return spec, sources
 
 
 def _build(cls, raw: dict, path: Path, where: str, nested_where: dict | None = None):

@@ -18,14 +18,16 @@ LARGE: Role = "large"
 class Policy:
     """Chooses `small` or `large` per step.
 
-    `needs_probe` False means no H_init is computed (and the small model does no work);
-    `large_answers` False lets the small model write the final answer too (small-alone).
+    `needs_probe` False means no H_init is computed; `large_answers` False lets the small model
+    write the final answer too (small-alone); `models` are the models it ever uses.
     """
 
     name: str
     choose: Callable[[float | None, np.random.Generator], Role]
     needs_probe: bool = True
     large_answers: bool = True
+    models: frozenset = frozenset({"small", "large"})
+    timing: str = "routed"  # "baseline" when its latencies include no routing work at all
 
     def __call__(self, h_init: float | None, rng: np.random.Generator) -> Role:
         return self.choose(h_init, rng)
@@ -38,12 +40,15 @@ def threshold(tau: float) -> Policy:
 
 def always_small() -> Policy:
     """Small-alone baseline: every reasoning step by the small model."""
-    return Policy("small", lambda h, rng: SMALL, large_answers=False)
+    return Policy("small", lambda h, rng: SMALL, large_answers=False, models=frozenset({SMALL}),
+                  timing="baseline")
 
 
 def always_large(probe: bool = False) -> Policy:
     """Large-alone baseline; `probe=True` records H_init at the cost of small-model catch-up."""
-    return Policy("large", lambda h, rng: LARGE, needs_probe=probe)
+    models = frozenset({SMALL, LARGE}) if probe else frozenset({LARGE})
+    timing = "probed (not a baseline)" if probe else "baseline"
+    return Policy("large", lambda h, rng: LARGE, needs_probe=probe, models=models, timing=timing)
 
 
 def random_share(large_share: float) -> Policy:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from time import perf_counter
 from typing import Iterator, Protocol, Sequence
 
@@ -72,7 +73,7 @@ class ModelSlot:
     """A backend with its prompt format and stop strings, as one side of the pair."""
 
     role: Role
-    backend: Backend
+    backend: Backend | None  # None when the policy never needs this model (a baseline)
     prompt: PromptFormat
     stop: tuple[str, ...] = ()
 
@@ -84,14 +85,14 @@ class _Side:
         self.slot = slot
         self.backend = slot.backend
         self.delimiter = delimiter
-        self.delim_tokens = self._running_delimiter()
         self._header: tuple[int, ...] | None = None
         self.started = False
         self.steps_seen = 0
         self.context_len = 0
         self.evaluated_at_start = 0
 
-    def _running_delimiter(self) -> tuple[int, ...]:
+    @functools.cached_property
+    def delim_tokens(self) -> tuple[int, ...]:
         # H_init must not depend on who wrote the previous step. A tokenizer may merge a
         # trailing delimiter into one token (SmolLM2: "\n\n" -> 1116) while the model writes
         # it as it appears in running text (198, 198), and the probe after the two forms
@@ -146,7 +147,7 @@ class _Side:
             )
         header = self.header()
         anchor = len(header) if tuple(tokens[: len(header)]) == header else 0
-        before = self.backend.evaluated
+        before = self.evaluated_at_start = self.backend.evaluated
         if anchor and tuple(self.backend.tokens[:anchor]) == header:
             self.backend.rewind(anchor)
         else:
@@ -175,8 +176,11 @@ class _Side:
         unseen = texts[self.steps_seen:]
         return self.context_len + sum(len(self.continuation(t)) + len(self.delim_tokens) for t in unseen)
 
-    def settle(self, written: Written, text: str) -> None:
-        """Make the writer's context end with `text` + the canonical delimiter, keeping its own tokens."""
+    def settle(self, written: Written, text: str) -> int:
+        """Make the writer's context end with `text` + the canonical delimiter, keeping its own tokens.
+
+        Returns how many of the generated tokens were kept.
+        """
         target = text.encode()
         kept, acc = 0, b""
         for tok in written.tokens:
@@ -194,6 +198,7 @@ class _Side:
             self.backend.extend(tail)
         self.context_len += kept + len(tail)
         self.steps_seen += 1
+        return kept
 
 
 def _char_boundary(data: bytes, n: int) -> bool:
@@ -281,12 +286,13 @@ class Trace:
 
     @property
     def answer_text(self) -> str:
-        """The final answer: from the first step stating an answer marker to the end."""
+        """The final answer: from the first step stating an answer marker to the end, else the last step."""
         markers = self.router.answer_markers
         for i, step in enumerate(self.steps):
             if any(m in step.text for m in markers):
                 return self.router.delimiter.join(s.text for s in self.steps[i:])
-        return self.steps[-1].text if self.steps else ""
+        written = [s.text for s in self.steps if s.text.strip()]
+        return written[-1] if written else ""
 
 
 class Router:
@@ -321,7 +327,6 @@ class Router:
         small, large = self._sides[SMALL], self._sides[LARGE]
         for side in (small, large):
             side.started = False
-            side.evaluated_at_start = side.backend.evaluated
         large_answers = policy.large_answers
         texts: list[str] = []
         seen: set[str] = set()
@@ -359,18 +364,19 @@ class Router:
                         logits = small.backend.next_logits()
                     first = sample_token(logits, s.sampling, rng)
                     written = small.backend.write(first, self._stop(SMALL, limit, large_answers), s.sampling, rng, on_text)
-                    handover = written.reason in ("marker", "stop_string") or (
-                        written.reason == "eos" and not written.text.strip())
-                    if large_answers and handover:
-                        # The large model writes the final answer: drop the small model's draft of it.
-                        small.backend.rewind(small.context_len)
-                        discarded, draft_s = len(written.tokens), written.seconds
-                        role, answer_phase = LARGE, True
-                        if listener:
-                            listener.draft_discarded(index, discarded)
-                            listener.step_started(index, role, h_init)
-                    elif large_answers and written.reason == "eos":
+                    if large_answers and written.reason in ("marker", "stop_string", "eos"):
+                        # The small model reached the answer (or the end): the large model writes it.
                         answer_phase = True
+                        if written.text.strip() and written.reason != "eos":
+                            # Keep the reasoning it wrote before the marker as its step.
+                            written = replace(written, text=written.text.rstrip(), reason="handover")
+                        elif not written.text.strip():
+                            small.backend.rewind(small.context_len)
+                            discarded, draft_s = len(written.tokens), written.seconds
+                            role = LARGE
+                            if listener:
+                                listener.draft_discarded(index, discarded)
+                                listener.step_started(index, role, h_init)
                 if role == LARGE:
                     t, n = ensure(large)
                     prefill_s, prefill_n = prefill_s + t, prefill_n + n
@@ -384,8 +390,8 @@ class Router:
             if step_reason == "length":
                 step_reason = "max_tokens" if limit == budget else "max_step_tokens"
             end = step_reason if step_reason in ("eos", "stop_string", "context_full", "max_tokens") else None
-            if role == SMALL and answer_phase and step_reason == "eos":
-                end = None  # the small model thinks it is done: the large model writes the answer next
+            if role == SMALL and answer_phase:
+                end = None  # the small model is done: the large model writes the answer next
             if any(m in written.text for m in self.answer_markers) and (role == LARGE or not large_answers):
                 if self.answer_until_eos:
                     answer_phase = True
@@ -397,16 +403,21 @@ class Router:
             seen.add(key)
             texts.append(written.text)
             writer = self._sides[role]
+            kept = len(written.tokens)
             if end is None:
+                settled = kept
                 try:
-                    writer.settle(written, written.text)
+                    settled = writer.settle(written, written.text)
                 except ContextFull:
                     end = "context_full"
+                if written.reason == "handover":
+                    kept = settled  # the marker's tokens are dropped from the small model's cache
+                    discarded += len(written.tokens) - kept
             if end:
-                writer.context_len += len(written.tokens)
+                writer.context_len += kept
                 writer.steps_seen += 1
             step = Step(
-                index=index, model=role, h_init=h_init, text=written.text, tokens=len(written.tokens),
+                index=index, model=role, h_init=h_init, text=written.text, tokens=kept,
                 probe_seconds=probe_s, generate_seconds=written.seconds + draft_s,
                 prefill_seconds=prefill_s, prefill_tokens=prefill_n, discarded_tokens=discarded,
                 stop_reason=end or step_reason,

@@ -200,3 +200,16 @@ def test_streamed_text_is_exactly_the_step_text():
             streamed[current] += event[1]
     assert streamed == {s.index: s.text for s in steps}
     assert ("discard", 4, len("The answer is")) in listener.events
+
+
+def test_small_reasoning_before_the_answer_marker_is_kept_and_the_large_model_answers():
+    script = [S(0.1, "two and two make 4. The answer is 4.", "X"), S(0.1, "zzz", "The answer is 4.")]
+    router = fake_router(script, threshold(1.0))
+    trace, steps = run(router)
+    assert [(s.model, s.text) for s in steps] == [("small", "two and two make 4."), ("large", "The answer is 4.")]
+    assert steps[0].stop_reason == "handover" and steps[1].h_init is None
+    assert steps[0].discarded_tokens == len(" The answer is")
+    small = router._sides["small"].backend
+    text = b"".join(small.token_bytes(t) for t in small.tokens).decode()
+    assert text.endswith("A:\ntwo and two make 4.\n\n")
+    assert trace.answer_text == "The answer is 4."
