@@ -31,3 +31,30 @@ def step():
 
 
 LN = math.log
+
+
+@pytest.fixture(scope="session")
+def real_engine():
+    """The packaged default pair, loaded once for the whole session."""
+    from glimp_cli.config import load_registry
+    from glimp_cli.engine import Engine
+
+    registry = load_registry()
+    pair = registry.pair()
+    engine = Engine.load(registry, pair, {"small", "large"})
+    yield engine
+    engine.close()
+
+
+GSM8K_QUESTIONS = [
+    "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins "
+    "for her friends every day with four. She sells the remainder at the farmers' market daily for $2 "
+    "per fresh duck egg. How much in dollars does she make every day at the farmers' market?",
+    "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?",
+    "James decides to run 3 sprints 3 times a week. He runs 60 meters each sprint. "
+    "How many total meters does he run a week?",
+    "Raymond and Samantha are cousins. Raymond was born 6 years before Samantha. Raymond had a son at the "
+    "age of 23. If Samantha is now 31, how many years ago was Raymond's son born?",
+    "Billy sells DVDs. He has 8 customers on Tuesday. His first 3 customers buy one DVD each. His next 2 "
+    "customers buy 2 DVDs each. His last 3 customers don't buy any DVDs. How many DVDs did Billy sell on Tuesday?",
+]
