@@ -1,0 +1,311 @@
+"""`glimp batch`: questions through one or more modes into an append-only JSON Lines results file.
+
+Each finished (question, mode) is one line, written with flush + fsync before the next question
+starts, so a crash or Ctrl-C loses at most the question in flight and never leaves half a record
+that later lines build on. Resuming reads the file back, drops a torn last line, checks that the
+run settings are the same, and skips every (id, mode) already present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable
+
+from glimp_cli import __version__
+from glimp_cli.config import PairSpec
+from glimp_cli.errors import ContextLimitError, InputError, UsageError
+from glimp_cli.grading import extract_answer, grade
+from glimp_cli.policies import LARGE, MODES, SMALL
+from glimp_cli.questions import Question
+from glimp_cli.router import Router, Trace
+
+# Settings that legitimately differ between the modes of one file, or that are stamped per record:
+# they are left out when a resumed file's records are compared with this run's settings.
+PER_MODE_KEYS = frozenset({"mode", "large_share", "baseline", "version"})
+
+BASELINE = "baseline"
+ROUTED = "routed"
+PROBED = "probed (not a baseline)"
+
+
+def pair_settings(pair: PairSpec) -> dict:
+    """The run settings every record of one results file shares (the resume key)."""
+    return {
+        "pair": pair.name,
+        "models": {SMALL: pair.small, LARGE: pair.large},
+        "tau": pair.tau,
+        "seed": pair.seed,
+        "estimator": pair.estimator,
+        "temperature": pair.temperature,
+        "top_p": pair.top_p,
+        "max_tokens": pair.max_tokens,
+        "max_step_tokens": pair.max_step_tokens,
+        "delimiter": pair.delimiter,
+    }
+
+
+def timing_kind(mode: str, probed: bool) -> str:
+    """Whether a mode's timings can stand as a baseline: only when it does no routing work."""
+    if mode == "small" or (mode == "large" and not probed):
+        return BASELINE
+    if mode == "large":
+        return PROBED  # the small model's probes and catch-up prefill are in its wall time
+    return ROUTED
+
+
+def result_record(question: Question, trace: Trace, mode: str, settings: dict) -> dict:
+    """One results-file line for a finished trace.
+
+    `settings` is stored as given, stamped with `mode`, the glimp `version`, and `baseline`
+    (derived from the policy the trace actually ran, so it cannot disagree with `timing`).
+    """
+    data = trace.to_dict()
+    summary = data["summary"]
+    extracted = extract_answer(data["answer_text"])
+    timing = timing_kind(mode, trace.router.policy.needs_probe)
+    return {
+        "id": question.id,
+        "line": question.line,
+        "mode": mode,
+        "policy": data["policy"],
+        "question": question.question,
+        "reference": question.reference,
+        "answer_text": data["answer_text"],
+        "extracted": extracted,
+        "correct": grade(extracted, question.reference),
+        "stop_reason": data["stop_reason"],
+        "model_steps": summary["steps"],
+        **{key: value for key, value in summary.items() if key != "steps"},
+        "timing": timing,
+        "settings": {**settings, "mode": mode, "version": __version__, "baseline": timing == BASELINE},
+        "steps": data["steps"],
+    }
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise InputError unless results can be written to `path`; call it before loading models."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a directory")
+    try:
+        # Really open something: permission bits say nothing about read-only mounts or root.
+        if path.exists():
+            with path.open("ab"):
+                pass
+        else:
+            with tempfile.TemporaryFile(dir=path.parent):
+                pass
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+class ResultsFile:
+    """An append-only JSONL results file; every record is on disk before `append` returns."""
+
+    def __init__(self, path: Path, file: BinaryIO, repaired: str | None = None):
+        self.path = path
+        self.repaired = repaired  # what resume cut away from a torn last line, if anything
+        self.done: set[tuple[str, str]] = set()
+        # (id, mode) -> (large steps, all steps): what the random mode's matched share is made of.
+        self.step_counts: dict[tuple[str, str], tuple[int, int]] = {}
+        self._file = file
+
+    @classmethod
+    def open(cls, path: str | Path, resume: bool, settings_key: dict,
+             overwrite: bool = False) -> tuple["ResultsFile", set[tuple[str, str]]]:
+        """Open for appending; returns the file and the (id, mode) pairs it already holds.
+
+        Without `resume` a non-empty file is refused unless `overwrite`. With `resume` a torn last
+        line is truncated away and every record's settings (minus PER_MODE_KEYS) must equal
+        `settings_key`.
+        """
+        path = Path(path)
+        check_writable(path)
+        try:
+            if not resume:
+                if not overwrite and path.exists() and path.stat().st_size > 0:
+                    raise InputError(f"{path} already holds results: resume it or overwrite it")
+                return cls(path, path.open("wb")), set()
+            records, keep, torn = _read_records(path)
+            want = _run_key(settings_key)
+            for number, record in records:
+                _check_settings(path, number, record["settings"], want)
+            repaired = None
+            if torn is not None:  # only now: a refused resume leaves the file as it was
+                _truncate(path, keep)
+                repaired = f"{path}: dropped the incomplete last line {torn} (an interrupted write)"
+            results = cls(path, path.open("ab"), repaired)
+        except OSError as exc:
+            raise InputError(f"cannot open results file {path}: {exc.strerror or exc}") from None
+        for _, record in records:
+            results._index(record)
+        return results, set(results.done)
+
+    def append(self, record: dict) -> None:
+        """Write one record as one line and make it durable."""
+        self._file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._index(record)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "ResultsFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _index(self, record: dict) -> None:
+        key = (record["id"], record["mode"])
+        self.done.add(key)
+        steps = record.get("model_steps")
+        if isinstance(steps, dict):
+            self.step_counts[key] = (steps.get(LARGE, 0), steps.get(SMALL, 0) + steps.get(LARGE, 0))
+
+
+def _read_records(path: Path) -> tuple[list[tuple[int, dict]], int, int | None]:
+    """(line number, record) pairs, the byte length of the good part, and the torn line if any."""
+    if not path.exists():
+        return [], 0, None
+    data = path.read_bytes()
+    *lines, tail = data.split(b"\n")  # `tail` is empty when the file ends with a newline
+    keep = len(data) - len(tail)
+    torn = len(lines) + 1 if tail else None
+    records = []
+    for number, raw in enumerate(lines, 1):
+        try:
+            record = json.loads(raw)
+        except ValueError:  # also UnicodeDecodeError
+            if number == len(lines) and not tail:
+                # Written up to its newline but damaged: the only line a crash can have touched.
+                keep -= len(raw) + 1
+                torn = number
+                continue
+            raise InputError(f"{path}: line {number} is not valid JSON (only a torn last line is repaired)") from None
+        if not (isinstance(record, dict) and isinstance(record.get("id"), str)
+                and isinstance(record.get("mode"), str) and isinstance(record.get("settings"), dict)):
+            raise InputError(f"{path}: line {number} is not a glimp result (needs id, mode and settings)")
+        records.append((number, record))
+    return records, keep, torn
+
+
+def _truncate(path: Path, size: int) -> None:
+    with path.open("r+b") as file:
+        file.truncate(size)
+        os.fsync(file.fileno())
+
+
+def _run_key(settings: dict) -> dict:
+    # Through JSON, so tuples compare equal to the lists a file gives back.
+    return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in PER_MODE_KEYS}
+
+
+def _check_settings(path: Path, number: int, stored: dict, want: dict) -> None:
+    have = {k: v for k, v in stored.items() if k not in PER_MODE_KEYS}
+    for key in sorted(set(have) | set(want)):
+        if have.get(key) != want.get(key):
+            raise InputError(
+                f"{path}: line {number} was written with {key}={have.get(key)!r} but this run has "
+                f"{key}={want.get(key)!r}; resume only with the same settings, or use another file"
+            )
+
+
+@dataclass
+class BatchOutcome:
+    """What a `run_batch` call did."""
+
+    written: int = 0
+    already_done: int = 0  # (question, mode) pairs skipped because the file held them
+    failed: list[tuple[str, str, str]] = field(default_factory=list)  # (id, mode, why): not written
+    interrupted: bool = False  # Ctrl-C or `stop`: the question in flight was not written
+    random_share: float | None = None  # the large share the random mode ran at
+
+
+def order_modes(modes: Iterable[str]) -> list[str]:
+    """Modes without repeats, in the given order except that glimp comes before random."""
+    ordered = list(dict.fromkeys(modes))
+    unknown = [m for m in ordered if m not in MODES]
+    if unknown:
+        raise UsageError(f"mode {unknown[0]!r} is not one of {', '.join(MODES)}")
+    if "glimp" in ordered and "random" in ordered and ordered.index("random") < ordered.index("glimp"):
+        ordered.remove("glimp")
+        ordered.insert(ordered.index("random"), "glimp")
+    return ordered
+
+
+def matched_share(out: ResultsFile, questions: list[Question]) -> float | None:
+    """The pooled large share of steps the glimp mode reached on `questions` in `out`."""
+    counts = [out.step_counts[(q.id, "glimp")] for q in questions if (q.id, "glimp") in out.step_counts]
+    total = sum(all_steps for _, all_steps in counts)
+    return sum(large for large, _ in counts) / total if total else None
+
+
+def _random_share(out: ResultsFile, questions: list[Question]) -> float:
+    share = matched_share(out, questions)
+    if share is None:
+        raise UsageError("random mode needs a large share: give one, or run glimp mode on the same "
+                         "questions into the same results file")
+    return share
+
+
+def run_batch(router_for_mode: Callable[[str, dict], Router], questions: list[Question], modes: list[str],
+              out: ResultsFile, done: set[tuple[str, str]], settings_for_mode: Callable[[str], dict],
+              on_result: Callable[[dict], None] | None = None,
+              stop: threading.Event | None = None) -> BatchOutcome:
+    """Run every question not in `done` through each mode, appending one record per question.
+
+    `router_for_mode(mode, settings)` is called once per mode that has work, with that mode's
+    settings as they will be recorded; it should wrap models loaded once for the whole batch.
+
+    Random mode: when `settings_for_mode("random")["large_share"]` is None, it runs at the pooled
+    share of steps (large steps / all steps) that glimp mode reached on these same questions in
+    this file, counting resumed records; glimp is therefore always run first.
+
+    Ctrl-C (KeyboardInterrupt) or a set `stop` ends the batch: the question in flight is not
+    written, every finished one stays, and the outcome is returned with `interrupted=True`
+    (the exception is not re-raised). A question whose prompt does not fit a model's context is
+    listed in `failed` and not written, so a resume tries it again.
+    """
+    modes = order_modes(modes)
+    outcome = BatchOutcome()
+    fixed_share = settings_for_mode("random").get("large_share") if "random" in modes else None
+    if "random" in modes and fixed_share is None and "glimp" not in modes:
+        _random_share(out, questions)  # refuse before any model work, not after the other modes
+    for mode in modes:
+        todo = [q for q in questions if (q.id, mode) not in done]
+        outcome.already_done += len(questions) - len(todo)
+        if not todo:
+            continue
+        settings = dict(settings_for_mode(mode))
+        if mode == "random":
+            if settings.get("large_share") is None:
+                settings["large_share"] = _random_share(out, questions)
+            outcome.random_share = settings["large_share"]
+        router = router_for_mode(mode, settings)
+        for question in todo:
+            if stop is not None and stop.is_set():
+                outcome.interrupted = True
+                return outcome
+            try:
+                trace = router.run(question.question).run()
+                record = result_record(question, trace, mode, settings)
+                out.append(record)
+                done.add((question.id, mode))
+                outcome.written += 1
+                if on_result is not None:
+                    on_result(record)
+            except KeyboardInterrupt:
+                outcome.interrupted = True
+                return outcome
+            except ContextLimitError as exc:
+                outcome.failed.append((question.id, mode, str(exc)))
+    return outcome

@@ -1,0 +1,166 @@
+"""Summaries of a batch results file: accuracy with a Wilson interval, latency, tokens, shares per mode."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+from glimp_cli.errors import InputError
+from glimp_cli.policies import LARGE, MODES, SMALL
+
+Z95 = 1.959963984540054  # two-sided 95% standard normal quantile
+# What `summarize` reads from each record, and its JSON type.
+_REQUIRED = {"id": str, "mode": str, "wall_seconds": (int, float), "tokens": dict, "model_steps": dict,
+             "settings": dict}
+
+
+@dataclass(frozen=True)
+class ModeRow:
+    """One mode's summary; latencies in seconds, shares pooled over all its steps or tokens."""
+
+    mode: str
+    n: int
+    n_graded: int
+    correct: int
+    accuracy: float | None
+    ci_low: float | None  # 95% Wilson interval of the accuracy
+    ci_high: float | None
+    mean_latency: float
+    median_latency: float
+    latency_vs_large: float | None  # mean latency / large mode's, over the question ids both have
+    compared_with_large: int  # how many question ids that ratio is over
+    mean_tokens: dict[str, float]
+    large_share_steps: float | None
+    large_share_tokens: float | None
+    baseline: bool  # every record's timings are an honest baseline (no routing work)
+    timing: str  # the records' timing kind, or "mixed"
+
+
+def load_results(path: str | Path) -> tuple[list[dict], list[str]]:
+    """The records of a results file, and a warning per line that was skipped (naming the line).
+
+    A repeated (id, mode) keeps its first record, so a file that was appended to twice is not
+    counted double.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read results file {path}: {exc.strerror or exc}") from None
+    records: list[dict] = []
+    warnings: list[str] = []
+    seen: dict[tuple[str, str], int] = {}
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        if number == len(lines):
+            # No newline after it: a write that never finished (the run was killed).
+            warnings.append(f"{path}: line {number} is incomplete (an interrupted write); skipped")
+            continue
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            warnings.append(f"{path}: line {number} is not valid JSON; skipped")
+            continue
+        problem = _not_a_result(record)
+        if problem:
+            warnings.append(f"{path}: line {number} is not a glimp result ({problem}); skipped")
+            continue
+        key = (record["id"], record["mode"])
+        if key in seen:
+            warnings.append(f"{path}: line {number} repeats id {key[0]!r} mode {key[1]!r} "
+                            f"from line {seen[key]}; skipped")
+            continue
+        seen[key] = number
+        records.append(record)
+    return records, warnings
+
+
+def _not_a_result(record: object) -> str | None:
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    bad = next((key for key, kind in _REQUIRED.items() if not isinstance(record.get(key), kind)), None)
+    return None if bad is None else f"no valid {bad!r}"
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (sound at small n and near 0 or 1)."""
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def summarize(records: list[dict]) -> list[ModeRow]:
+    """A row per mode (known modes in their usual order, others after, sorted)."""
+    by_mode: dict[str, list[dict]] = {}
+    for record in records:
+        by_mode.setdefault(record["mode"], []).append(record)
+    large_latency = {r["id"]: r["wall_seconds"] for r in by_mode.get(LARGE, [])}
+    order = [m for m in MODES if m in by_mode] + sorted(set(by_mode) - set(MODES))
+    return [_row(mode, by_mode[mode], large_latency) for mode in order]
+
+
+def _row(mode: str, rows: list[dict], large_latency: dict[str, float]) -> ModeRow:
+    graded = [r["correct"] for r in rows if r.get("correct") is not None]
+    correct = sum(bool(c) for c in graded)
+    accuracy, low, high = None, None, None
+    if graded:
+        accuracy = correct / len(graded)
+        low, high = wilson_interval(correct, len(graded))
+    latencies = [r["wall_seconds"] for r in rows]
+    paired = [(r["wall_seconds"], large_latency[r["id"]]) for r in rows if r["id"] in large_latency]
+    large_mean = statistics.fmean(l for _, l in paired) if paired else 0.0
+    ratio = statistics.fmean(t for t, _ in paired) / large_mean if large_mean > 0 else None
+    timings = {r.get("timing") for r in rows}
+    return ModeRow(
+        mode=mode, n=len(rows), n_graded=len(graded), correct=correct, accuracy=accuracy,
+        ci_low=low, ci_high=high,
+        mean_latency=statistics.fmean(latencies), median_latency=statistics.median(latencies),
+        latency_vs_large=ratio, compared_with_large=len(paired),
+        mean_tokens={role: statistics.fmean(r["tokens"][role] for r in rows) for role in (SMALL, LARGE)},
+        large_share_steps=_pooled_share(rows, "model_steps"),
+        large_share_tokens=_pooled_share(rows, "tokens"),
+        baseline=all(r["settings"].get("baseline") is True for r in rows),
+        timing=timings.pop() if len(timings) == 1 else "mixed",
+    )
+
+
+def _pooled_share(rows: list[dict], key: str) -> float | None:
+    large = sum(r[key][LARGE] for r in rows)
+    total = large + sum(r[key][SMALL] for r in rows)
+    return large / total if total else None
+
+
+def rows_to_json(rows: list[ModeRow]) -> list[dict]:
+    """The rows as plain data (the `--json` output)."""
+    return [asdict(row) for row in rows]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def render_table(rows: list[ModeRow]) -> Table:
+    """The per-mode comparison as a rich table."""
+    table = Table(title="glimp batch report", title_justify="left", show_edge=False)
+    for name in ("mode", "n", "accuracy (95% CI)", "mean s", "median s", "vs large",
+                 "tokens small / large", "large share steps / tokens", "timing"):
+        table.add_column(name, justify="left" if name in ("mode", "timing") else "right")
+    for row in rows:
+        accuracy = "-" if row.accuracy is None else (
+            f"{row.accuracy:.1%} ({row.ci_low:.1%}–{row.ci_high:.1%}) of {row.n_graded}")
+        versus = "-" if row.latency_vs_large is None else f"{row.latency_vs_large:.2f}× ({row.compared_with_large} q)"
+        table.add_row(
+            row.mode, str(row.n), accuracy, f"{row.mean_latency:.2f}", f"{row.median_latency:.2f}", versus,
+            f"{row.mean_tokens[SMALL]:.0f} / {row.mean_tokens[LARGE]:.0f}",
+            f"{_pct(row.large_share_steps)} / {_pct(row.large_share_tokens)}", row.timing,
+        )
+    return table

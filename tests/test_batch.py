@@ -1,0 +1,290 @@
+"""Tests for glimp_cli.batch: records, the append-only results file, resume, and run_batch on the fake pair."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import fake_router
+from glimp_cli import __version__
+from glimp_cli.backends.fake import ScriptedStep as S
+from glimp_cli.batch import (
+    BASELINE, PROBED, ROUTED, ResultsFile, check_writable, order_modes, pair_settings, result_record, run_batch,
+)
+from glimp_cli.config import PairSpec
+from glimp_cli.errors import InputError, UsageError
+from glimp_cli.policies import make_policy
+from glimp_cli.questions import Question
+from glimp_cli.router import Router
+
+# With tau = 1.0 glimp routes small, large, small, large, then the large model answers: 3 of 5 large.
+SCRIPT = [
+    S(0.5, "small one", "LARGE ONE"),
+    S(2.0, "small two", "LARGE TWO"),
+    S(0.3, "small three", "LARGE THREE"),
+    S(1.5, "small four", "LARGE FOUR"),
+    S(0.1, "The answer is 4.", "The answer is 42."),
+]
+GLIMP_SHARE = 3 / 5
+PAIR = PairSpec("fake", "fake-small", "fake-large", tau=1.0)
+KEY = pair_settings(PAIR)
+QUESTIONS = [Question(f"q{i}", f"question {i}?", "42", i) for i in range(1, 5)]
+
+
+def settings_for(share: float | None = None):
+    return lambda mode: {**KEY, "large_share": share if mode == "random" else None}
+
+
+class Routers:
+    """router_for_mode over the fake pair; remembers what it was asked for."""
+
+    def __init__(self, probe: bool = False, **fake_kwargs):
+        self.probe = probe
+        self.fake_kwargs = fake_kwargs
+        self.calls: list[tuple[str, float | None]] = []
+
+    def __call__(self, mode: str, settings: dict) -> Router:
+        self.calls.append((mode, settings["large_share"]))
+        policy = make_policy(mode, settings["tau"], settings["large_share"] or 0.0, self.probe)
+        return fake_router(SCRIPT, policy, **self.fake_kwargs)
+
+
+def read(path: Path) -> list[dict]:
+    text = path.read_text()
+    assert text == "" or text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def batch(path: Path, modes: list[str], questions=QUESTIONS, routers=None, share=None, resume=True, **kwargs):
+    out, done = ResultsFile.open(path, resume=resume, settings_key=KEY)
+    with out:
+        return run_batch(routers or Routers(), questions, modes, out, done, settings_for(share), **kwargs)
+
+
+def trace_for(mode: str, probe: bool = False):
+    return fake_router(SCRIPT, make_policy(mode, 1.0, 0.5, probe)).run("question 1?").run()
+
+
+def test_result_record_of_a_routed_trace() -> None:
+    settings = {**KEY, "large_share": None}
+    record = result_record(QUESTIONS[0], trace_for("glimp"), "glimp", settings)
+    assert json.loads(json.dumps(record)) == record
+    assert [record[k] for k in ("id", "mode", "question", "reference")] == ["q1", "glimp", "question 1?", "42"]
+    assert record["answer_text"] == "The answer is 42." and record["extracted"] == "42" and record["correct"] is True
+    assert [s["model"] for s in record["steps"]] == ["small", "large", "small", "large", "large"]
+    assert [s["h_init"] for s in record["steps"]] == pytest.approx([0.5, 2.0, 0.3, 1.5, 0.1], abs=1e-5)
+    assert record["model_steps"] == {"small": 2, "large": 3}
+    # The fake writes a token per character, plus two newline tokens ending each step.
+    assert record["tokens"] == {"small": sum(len(t) + 2 for t in ("small one", "small three")),
+                                "large": sum(len(t) + 2 for t in ("LARGE TWO", "LARGE FOUR", "The answer is 42."))}
+    assert record["large_share_steps"] == pytest.approx(GLIMP_SHARE)
+    assert record["wall_seconds"] > 0 and record["probe_seconds"] > 0
+    assert set(record["evaluated_tokens"]) == {"small", "large"}
+    assert record["stop_reason"] == "answer" and record["timing"] == ROUTED
+    assert record["settings"] == {**settings, "mode": "glimp", "version": __version__, "baseline": False}
+
+
+@pytest.mark.parametrize("mode, probe, timing", [
+    ("small", False, BASELINE), ("large", False, BASELINE), ("large", True, PROBED), ("random", False, ROUTED),
+])
+def test_only_modes_without_routing_work_are_baselines(mode: str, probe: bool, timing: str) -> None:
+    record = result_record(QUESTIONS[0], trace_for(mode, probe), mode, dict(KEY))
+    assert record["timing"] == timing
+    assert record["settings"]["baseline"] is (timing == BASELINE)
+    if mode == "small":
+        assert record["extracted"] == "4" and record["correct"] is False
+
+
+def test_modes_are_deduplicated_and_glimp_runs_before_random() -> None:
+    assert order_modes(["small", "random", "large", "glimp", "small"]) == ["small", "glimp", "random", "large"]
+    assert order_modes(["glimp", "random"]) == ["glimp", "random"]
+    with pytest.raises(UsageError, match="fast"):
+        order_modes(["fast"])
+
+
+def test_a_new_run_refuses_a_non_empty_file_unless_overwriting(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"old": 1}\n')
+    with pytest.raises(InputError, match="r.jsonl"):
+        ResultsFile.open(path, resume=False, settings_key=KEY)
+    assert path.read_text() == '{"old": 1}\n'
+    out, done = ResultsFile.open(path, resume=False, settings_key=KEY, overwrite=True)
+    out.close()
+    assert done == set() and path.read_text() == ""
+    out, _ = ResultsFile.open(path, resume=False, settings_key=KEY)  # empty: nothing to lose
+    out.close()
+
+
+def test_check_writable_names_the_path(tmp_path: Path) -> None:
+    check_writable(tmp_path / "new.jsonl")
+    assert not (tmp_path / "new.jsonl").exists()
+    with pytest.raises(InputError, match="does not exist"):
+        check_writable(tmp_path / "missing" / "r.jsonl")
+    with pytest.raises(InputError, match="is a directory"):
+        check_writable(tmp_path)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write to read-only directories")
+def test_check_writable_refuses_a_read_only_directory(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(InputError, match="locked"):
+            check_writable(locked / "r.jsonl")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_batch_writes_each_question_once_per_mode_with_one_router_per_mode(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    routers = Routers()
+    seen: list[str] = []
+    outcome = batch(path, ["glimp", "small"], routers=routers, resume=False, on_result=lambda r: seen.append(r["id"]))
+    records = read(path)
+    assert [(r["id"], r["mode"]) for r in records] == [(q.id, m) for m in ("glimp", "small") for q in QUESTIONS]
+    assert [r["correct"] for r in records] == [True] * 4 + [False] * 4
+    assert seen == [q.id for q in QUESTIONS] * 2
+    assert [mode for mode, _ in routers.calls] == ["glimp", "small"]
+    assert (outcome.written, outcome.already_done, outcome.interrupted) == (8, 0, False)
+
+
+def test_resume_drops_a_torn_last_line_and_finishes_every_pair_once(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    batch(path, ["glimp"], questions=QUESTIONS[:3], resume=False)
+    complete = path.read_bytes()
+    with path.open("ab") as f:
+        f.write(complete.splitlines()[0][:40])  # half a record, no newline
+    out, done = ResultsFile.open(path, resume=True, settings_key=KEY)
+    out.close()
+    assert path.read_bytes() == complete
+    assert out.repaired is not None and "line 4" in out.repaired
+    assert done == {(q.id, "glimp") for q in QUESTIONS[:3]}
+
+    routers = Routers()
+    outcome = batch(path, ["glimp", "small"], routers=routers)
+    pairs = [(r["id"], r["mode"]) for r in read(path)]
+    assert sorted(pairs) == sorted((q.id, m) for q in QUESTIONS for m in ("glimp", "small"))
+    assert len(pairs) == len(set(pairs)) == 8
+    assert (outcome.written, outcome.already_done) == (5, 3)
+
+
+def test_resume_drops_a_damaged_last_line_but_not_a_damaged_earlier_one(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    batch(path, ["small"], questions=QUESTIONS[:2], resume=False)
+    complete = path.read_bytes()
+    path.write_bytes(complete + b'{"id": "q3", "mo\x00\n')
+    out, done = ResultsFile.open(path, resume=True, settings_key=KEY)
+    out.close()
+    assert path.read_bytes() == complete and len(done) == 2
+    path.write_bytes(b"garbage\n" + complete)
+    with pytest.raises(InputError, match="line 1"):
+        ResultsFile.open(path, resume=True, settings_key=KEY)
+
+
+def test_resume_refuses_other_settings_and_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    batch(path, ["glimp", "random"], questions=QUESTIONS[:1], resume=False)
+    with path.open("a") as f:
+        f.write('{"id": "q2", "mo')
+    before = path.read_bytes()
+    with pytest.raises(InputError, match=r"line 1 .*tau=1\.0 .*tau=2\.0"):
+        ResultsFile.open(path, resume=True, settings_key={**KEY, "tau": 2.0})
+    assert path.read_bytes() == before  # a refused resume changes nothing
+    with pytest.raises(InputError, match="max_tokens"):
+        ResultsFile.open(path, resume=True, settings_key={k: v for k, v in KEY.items() if k != "max_tokens"})
+    # Per-mode keys (mode, large_share, baseline, version) may differ between records.
+    out, done = ResultsFile.open(path, resume=True, settings_key={**KEY, "mode": "small", "large_share": 0.9})
+    out.close()
+    assert done == {("q1", "glimp"), ("q1", "random")}
+
+
+def test_random_runs_at_the_share_glimp_reached_on_the_same_questions(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    routers = Routers()
+    outcome = batch(path, ["random", "glimp"], routers=routers, resume=False)
+    records = read(path)
+    assert [r["mode"] for r in records] == ["glimp"] * 4 + ["random"] * 4
+    assert routers.calls == [("glimp", None), ("random", pytest.approx(GLIMP_SHARE))]
+    assert outcome.random_share == pytest.approx(GLIMP_SHARE)
+    for r in records[4:]:
+        assert r["settings"]["large_share"] == pytest.approx(GLIMP_SHARE)
+        assert r["policy"] == "random(large_share=0.6)"
+
+
+def test_random_share_comes_from_resumed_glimp_records_of_these_questions_only(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    settings = {**KEY, "mode": "glimp", "baseline": False, "version": __version__}
+    made = [("q1", 1, 3), ("q2", 3, 3), ("other", 10, 0)]  # (id, large steps, small steps)
+    path.write_text("".join(
+        json.dumps({"id": i, "mode": "glimp", "model_steps": {"small": s, "large": l}, "settings": settings}) + "\n"
+        for i, l, s in made
+    ))
+    routers = Routers()
+    outcome = batch(path, ["random"], questions=QUESTIONS[:2], routers=routers)
+    # Pooled over q1 and q2 (a mean of their shares would be 0.375); "other" is not in this batch.
+    assert outcome.random_share == pytest.approx((1 + 3) / (4 + 6))
+    assert routers.calls == [("random", pytest.approx(0.4))]
+
+
+def test_random_share_given_by_the_caller_wins_and_none_at_all_is_refused_up_front(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    routers = Routers()
+    outcome = batch(path, ["glimp", "random"], questions=QUESTIONS[:1], routers=routers, share=0.25, resume=False)
+    assert outcome.random_share == 0.25 and routers.calls[1] == ("random", 0.25)
+    routers = Routers()
+    with pytest.raises(UsageError, match="large share"):
+        batch(tmp_path / "fresh.jsonl", ["small", "random"], routers=routers, resume=False)
+    assert routers.calls == []
+
+
+class InterruptingWrite:
+    """Wraps a backend's write so Ctrl-C arrives during its n-th call."""
+
+    def __init__(self, backend, at: int):
+        self.write, self.at, self.calls = backend.write, at, 0
+        backend.write = self
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.write(*args, **kwargs)
+
+
+def test_ctrl_c_mid_question_leaves_no_partial_record(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+
+    def interrupting(mode: str, settings: dict) -> Router:
+        router = Routers()(mode, settings)
+        # Large alone writes five steps per question: call 12 is the 2nd step of the 3rd question.
+        InterruptingWrite(router._sides["large"].backend, at=12)
+        return router
+
+    outcome = batch(path, ["large", "small"], routers=interrupting, resume=False)
+    assert outcome.interrupted and outcome.written == 2
+    assert [(r["id"], r["mode"]) for r in read(path)] == [("q1", "large"), ("q2", "large")]
+
+    outcome = batch(path, ["large", "small"])
+    pairs = [(r["id"], r["mode"]) for r in read(path)]
+    assert len(pairs) == len(set(pairs)) == 8 and not outcome.interrupted
+
+
+def test_stop_event_ends_the_batch_between_questions(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    stop = threading.Event()
+    outcome = batch(path, ["small"], resume=False, stop=stop, on_result=lambda r: stop.set())
+    assert outcome.interrupted and outcome.written == 1 and len(read(path)) == 1
+
+
+def test_a_question_too_long_for_the_context_is_reported_not_written(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    questions = [QUESTIONS[0], Question("long", "x" * 300, "1", 9), QUESTIONS[1]]
+    outcome = batch(path, ["small"], questions=questions, routers=Routers(n_ctx=200), resume=False)
+    assert [r["id"] for r in read(path)] == ["q1", "q2"]
+    assert [(i, m) for i, m, _ in outcome.failed] == [("long", "small")]
+    assert "context of 200" in outcome.failed[0][2]
