@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 import click
 import typer
-from click.core import ParameterSource
 from rich.console import Console
 
 from glimp_cli import __version__
@@ -27,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class Mode(str, Enum):
@@ -45,7 +44,7 @@ def user_errors():
     except GlimpError as exc:
         if os.environ.get(DEBUG_ENV):
             raise
-        err.print(f"glimp: error: {exc}", markup=False)
+        err.print(f"glimp: error: {exc}", markup=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
 
 
@@ -75,7 +74,8 @@ def _overrides(ctx: click.Context, values: dict[str, Any]) -> dict[str, tuple[An
         if value is None:
             continue
         source = ctx.get_parameter_source(key)
-        origin = "environment" if source is ParameterSource.ENVIRONMENT else "flag"
+        # Compared by name: typer may carry its own copy of click's ParameterSource enum.
+        origin = "environment" if getattr(source, "name", "") == "ENVIRONMENT" else "flag"
         if key == "delimiter":
             value = codecs.decode(value, "unicode_escape")
         if isinstance(value, Enum):

@@ -105,6 +105,7 @@ class Registry:
     origin: dict[str, Path]  # "models.<name>" / "pairs.<name>" -> file it came from
     broken: dict[str, ConfigError]  # same keys -> why that entry failed to load
     pair_keys: dict[str, frozenset] = field(default_factory=dict)  # keys each pair sets in its file
+    prompts: dict[str, Any] = field(default_factory=dict)  # named prompt formats, as raw mappings
 
     def model(self, name: str) -> ModelSpec:
         """The model called `name`, or a ConfigError naming the entry's problem."""
@@ -183,7 +184,9 @@ def _layer(registry: Registry, path: Path) -> None:
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key {sorted(unknown)[0]!r}")
     registry.files.append(path)
-    prompts = _mapping(data.get("prompts"), path, "prompts")
+    # Named prompts accumulate over the layers, so a user's model can use a packaged prompt.
+    registry.prompts.update(_mapping(data.get("prompts"), path, "prompts"))
+    prompts = registry.prompts
     for name, raw in _mapping(data.get("models"), path, "models").items():
         _add(registry, "models", name, path, lambda: _model(name, raw, prompts, path))
     for name, raw in _mapping(data.get("pairs"), path, "pairs").items():

@@ -1,0 +1,161 @@
+"""`glimp ask` and `glimp models` through typer's runner: JSON output, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from glimp_cli.cli import app
+from glimp_cli.config import load_registry
+from glimp_cli.sources import resolve
+
+runner = CliRunner()
+QUESTION = "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?"
+
+
+def smollm2_path() -> Path:
+    return resolve(load_registry().model("smollm2-135m"))
+
+
+def write_config(tmp_path: Path, model_source: str, n_ctx: int = 2048) -> Path:
+    config = tmp_path / "models.yaml"
+    config.write_text(f"""
+default_pair: mine
+models:
+  mine-small:
+    source: {{{model_source}}}
+    prompt: chat-steps
+    n_ctx: {n_ctx}
+pairs:
+  mine:
+    small: mine-small
+    large: gemma3-270m
+    max_tokens: 48
+""".replace("prompt: chat-steps", "prompt: {style: chat, answer_marker: 'The answer is'}"))
+    return config
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("glimp: error:"), result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.real
+def test_ask_json_matches_the_trace():
+    result = runner.invoke(app, ["ask", QUESTION, "--json", "--max-tokens", "64", "--tau", "3.5"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    steps = record["steps"]
+    assert steps and record["stop_reason"] in ("answer", "eos", "stop_string", "max_tokens", "repetition")
+    assert record["summary"]["steps"]["small"] == sum(s["model"] == "small" for s in steps)
+    assert record["summary"]["tokens"]["large"] == sum(s["tokens"] for s in steps if s["model"] == "large")
+    assert sum(s["tokens"] for s in steps) <= 64
+    for s in steps:
+        assert {"model", "h_init", "text", "tokens", "probe_seconds", "generate_seconds", "prefill_seconds",
+                "stop_reason"} <= set(s)
+        if s["model"] == "small":
+            assert s["h_init"] <= 3.5
+    assert record["tau"] == 3.5 and record["timing"] == "routed"
+
+
+@pytest.mark.real
+def test_ask_streams_plain_text_without_escape_codes():
+    result = runner.invoke(app, ["ask", QUESTION, "--max-tokens", "48", "--mode", "large"])
+    assert result.exit_code == 0, result.output
+    assert "\x1b[" not in result.stdout
+    assert "step 1 · large" in result.stdout and "wall time" in result.stdout
+
+
+def test_unknown_key_in_config_names_file_and_key(tmp_path):
+    config = tmp_path / "models.yaml"
+    config.write_text("pairs:\n  default:\n    small: smollm2-135m\n    large: gemma3-270m\n    tua: 1.0\n")
+    one_line_error(runner.invoke(app, ["ask", QUESTION, "--config", str(config)]), str(config), "tua")
+
+
+def test_wrong_type_in_config_names_the_key(tmp_path):
+    config = tmp_path / "models.yaml"
+    config.write_text("models:\n  gemma3-270m:\n    source: {path: x.gguf}\n    prompt: fewshot-qa\n    n_ctx: big\n")
+    one_line_error(runner.invoke(app, ["ask", QUESTION, "--config", str(config)]), "models.gemma3-270m.n_ctx")
+
+
+def test_missing_gguf_file(tmp_path):
+    config = write_config(tmp_path, "path: nowhere.gguf")
+    one_line_error(runner.invoke(app, ["ask", QUESTION, "--config", str(config)]), "not found", "nowhere.gguf")
+
+
+def test_file_that_is_not_a_gguf(tmp_path):
+    (tmp_path / "junk.gguf").write_bytes(b"this is not a model" * 100)
+    config = write_config(tmp_path, "path: junk.gguf")
+    one_line_error(runner.invoke(app, ["ask", QUESTION, "--config", str(config)]), "not a GGUF")
+
+
+@pytest.mark.real
+def test_truncated_gguf_is_refused_by_llama_cpp_without_a_crash(tmp_path):
+    with open(smollm2_path(), "rb") as src:
+        (tmp_path / "cut.gguf").write_bytes(src.read(4_000_000))
+    config = write_config(tmp_path, "path: cut.gguf")
+    one_line_error(runner.invoke(app, ["ask", QUESTION, "--config", str(config)]), "could not load", "cut.gguf")
+
+
+def test_package_that_is_not_installed(tmp_path):
+    config = write_config(tmp_path, "package: no_such_glimp_pkg, file: m.gguf, install: glimp-extra-x")
+    one_line_error(runner.invoke(app, ["ask", QUESTION, "--config", str(config)]),
+                   "no_such_glimp_pkg", "pip install glimp-extra-x")
+
+
+@pytest.mark.real
+def test_question_longer_than_the_context(tmp_path):
+    shutil.copy(smollm2_path(), tmp_path / "small.gguf")
+    config = write_config(tmp_path, "path: small.gguf", n_ctx=128)
+    one_line_error(runner.invoke(app, ["ask", "how many? " * 100, "--config", str(config)]),
+                   "has a context of", "n_ctx")
+
+
+def test_empty_question_is_a_usage_error():
+    result = runner.invoke(app, ["ask", "   "])
+    assert result.exit_code == 2 and "question is empty" in result.output
+
+
+def test_bad_flag_values_are_refused_before_loading():
+    result = runner.invoke(app, ["ask", QUESTION, "--top-p", "0"])
+    assert result.exit_code == 1 and "top_p" in result.output
+    result = runner.invoke(app, ["ask", QUESTION, "--estimator", "topk:1"])
+    assert result.exit_code == 1 and "topk" in result.output
+
+
+def test_models_lists_a_broken_entry_with_its_error(tmp_path):
+    config = tmp_path / "models.yaml"
+    config.write_text("models:\n  broken-one:\n    source: {path: a.gguf}\n    n_ctx: -3\n")
+    result = runner.invoke(app, ["models", "--config", str(config)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "broken-one" in result.output and "n_ctx" in result.output
+    assert "smollm2-135m" in result.output and "gemma3-270m" in result.output
+
+
+def test_verbose_says_which_source_won(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLIMP_TAU", "2.5")
+    config = write_config(tmp_path, "path: nowhere.gguf")
+    result = runner.invoke(app, ["ask", QUESTION, "--config", str(config), "--verbose", "--seed", "3"])
+    assert "tau = 2.5  (environment)" in result.output
+    assert "seed = 3  (flag)" in result.output
+    assert "max_tokens = 48  (models.yaml)" in result.output
+    assert "top_p = 1.0  (default)" in result.output
+
+
+def test_help_does_not_import_llama_cpp():
+    code = ("import sys; from glimp_cli.cli import main; sys.argv = ['glimp', 'ask', '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "assert 'llama_cpp' not in sys.modules and 'numpy' not in sys.modules, 'heavy import'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--tau" in result.stdout
