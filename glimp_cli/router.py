@@ -392,6 +392,8 @@ class Router:
             end = step_reason if step_reason in ("eos", "stop_string", "context_full", "max_tokens") else None
             if role == SMALL and answer_phase:
                 end = None  # the small model is done: the large model writes the answer next
+            if role == LARGE and answer_phase and not self.answer_until_eos and end is None:
+                end = "answer"  # the answer step was handed over: the large model's one step is the answer
             if any(m in written.text for m in self.answer_markers) and (role == LARGE or not large_answers):
                 if self.answer_until_eos:
                     answer_phase = True

@@ -213,3 +213,10 @@ def test_small_reasoning_before_the_answer_marker_is_kept_and_the_large_model_an
     text = b"".join(small.token_bytes(t) for t in small.tokens).decode()
     assert text.endswith("A:\ntwo and two make 4.\n\n")
     assert trace.answer_text == "The answer is 4."
+
+
+def test_the_handed_over_answer_is_one_large_step_even_without_the_marker():
+    script = [S(0.1, "aaaa<eos>", "AAAA"), S(0.1, "zzz", "it is 1"), S(0.1, "yyy", "more text")]
+    trace, steps = run(fake_router(script, threshold(1.0)))
+    assert [(s.model, s.text) for s in steps] == [("small", "aaaa"), ("large", "it is 1")]
+    assert trace.stop_reason == "answer" and trace.answer_text == "it is 1"
