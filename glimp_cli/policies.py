@@ -15,6 +15,14 @@ LARGE: Role = "large"
 
 
 @dataclass(frozen=True)
+class DraftScore:
+    """Step-level signals of a small-model draft, from its per-token distributions (nats)."""
+
+    mean_entropy: float
+    perplexity: float
+
+
+@dataclass(frozen=True)
 class Policy:
     """Chooses `small` or `large` per step.
 
@@ -28,6 +36,10 @@ class Policy:
     large_answers: bool = True
     models: frozenset = frozenset({"small", "large"})
     timing: str = "routed"  # "baseline" when its latencies include no routing work at all
+    # Draft-then-verify policies: the small model drafts every step, and the large model rewrites
+    # it when `rewrite(draft)` says so (the step-level signals the paper compares H_init against).
+    rewrite: Callable[[DraftScore], bool] | None = None
+
 
     def __call__(self, h_init: float | None, rng: np.random.Generator) -> Role:
         return self.choose(h_init, rng)
@@ -61,10 +73,23 @@ def random_share(large_share: float) -> Policy:
     )
 
 
-MODES = ("glimp", "small", "large", "random")
+def step_entropy(threshold_nats: float) -> Policy:
+    """Draft every step; the large model rewrites drafts whose mean token entropy exceeds the threshold."""
+    return Policy(f"step_entropy(>{threshold_nats:g})", lambda h, rng: SMALL,
+                  rewrite=lambda d: d.mean_entropy > threshold_nats)
 
 
-def make_policy(mode: str, tau: float, large_share: float, probe_baseline: bool = False) -> Policy:
+def step_perplexity(threshold: float) -> Policy:
+    """Draft every step; the large model rewrites drafts whose perplexity exceeds the threshold."""
+    return Policy(f"step_perplexity(>{threshold:g})", lambda h, rng: SMALL,
+                  rewrite=lambda d: d.perplexity > threshold)
+
+
+MODES = ("glimp", "small", "large", "random", "step_entropy", "step_perplexity")
+
+
+def make_policy(mode: str, tau: float, large_share: float, probe_baseline: bool = False,
+                step_entropy_threshold: float = 1.0, step_perplexity_threshold: float = 3.0) -> Policy:
     """The policy for a `--mode`; `probe_baseline` makes large mode record H_init."""
     if mode == "glimp":
         return threshold(tau)
@@ -74,4 +99,8 @@ def make_policy(mode: str, tau: float, large_share: float, probe_baseline: bool 
         return always_large(probe=probe_baseline)
     if mode == "random":
         return random_share(large_share)
+    if mode == "step_entropy":
+        return step_entropy(step_entropy_threshold)
+    if mode == "step_perplexity":
+        return step_perplexity(step_perplexity_threshold)
     raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")

@@ -14,7 +14,7 @@ from glimp_cli.backends.base import Backend, ContextFull, StepStop, Written
 from glimp_cli.config import PromptFormat
 from glimp_cli.entropy import EstimatorSpec
 from glimp_cli.errors import ContextLimitError, UsageError
-from glimp_cli.policies import LARGE, SMALL, Policy, Role
+from glimp_cli.policies import LARGE, SMALL, DraftScore, Policy, Role
 from glimp_cli.prompts import render_prompt
 from glimp_cli.sampling import Sampling, sample_token
 
@@ -35,8 +35,9 @@ class Step:
     generate_seconds: float
     prefill_seconds: float  # prompt and catch-up prefill of either model before this step
     prefill_tokens: int
-    discarded_tokens: int  # a small-model answer draft handed over to the large model
+    discarded_tokens: int  # small-model draft tokens thrown away (answer handover, rejected draft)
     stop_reason: str
+    draft_signal: "DraftScore | None" = None  # step-level signals of the small draft (draft policies)
 
     @property
     def seconds(self) -> float:
@@ -344,6 +345,7 @@ class Router:
             prefill_s, prefill_n, probe_s = 0.0, 0, 0.0
             h_init: float | None = None
             logits = None
+            score: DraftScore | None = None
             try:
                 if not answer_phase and policy.needs_probe:
                     prefill_s, prefill_n = ensure(small)
@@ -363,8 +365,18 @@ class Router:
                         prefill_s, prefill_n = prefill_s + t, prefill_n + n
                         logits = small.backend.next_logits()
                     first = sample_token(logits, s.sampling, rng)
-                    written = small.backend.write(first, self._stop(SMALL, limit, large_answers), s.sampling, rng, on_text)
-                    if large_answers and written.reason in ("marker", "stop_string", "eos"):
+                    written = small.backend.write(first, self._stop(SMALL, limit, large_answers), s.sampling, rng,
+                                                  on_text, logits if policy.rewrite else None)
+                    score = _draft_score(written) if policy.rewrite else None
+                    if score is not None and written.reason in ("delimiter", "length") and policy.rewrite(score):
+                        # A draft-then-verify policy rejected the draft: the large model rewrites the step.
+                        small.backend.rewind(small.context_len)
+                        discarded, draft_s = len(written.tokens), written.seconds
+                        role = LARGE
+                        if listener:
+                            listener.draft_discarded(index, discarded)
+                            listener.step_started(index, role, h_init)
+                    if role == SMALL and large_answers and written.reason in ("marker", "stop_string", "eos"):
                         # The small model reached the answer (or the end): the large model writes it.
                         answer_phase = True
                         if written.text.strip() and written.reason != "eos":
@@ -422,13 +434,20 @@ class Router:
                 index=index, model=role, h_init=h_init, text=written.text, tokens=kept,
                 probe_seconds=probe_s, generate_seconds=written.seconds + draft_s,
                 prefill_seconds=prefill_s, prefill_tokens=prefill_n, discarded_tokens=discarded,
-                stop_reason=end or step_reason,
+                stop_reason=end or step_reason, draft_signal=score,
             )
             trace.steps.append(step)
             yield step
             if end:
                 trace.stop_reason = end
                 return
+
+
+def _draft_score(written: Written) -> DraftScore | None:
+    """Mean token entropy and perplexity of a scored draft."""
+    if not written.entropies:
+        return None
+    return DraftScore(float(np.mean(written.entropies)), float(np.exp(-np.mean(written.logprobs))))
 
 
 def _stable_hash(text: str) -> int:

@@ -220,3 +220,20 @@ def test_the_handed_over_answer_is_one_large_step_even_without_the_marker():
     trace, steps = run(fake_router(script, threshold(1.0)))
     assert [(s.model, s.text) for s in steps] == [("small", "aaaa"), ("large", "it is 1")]
     assert trace.stop_reason == "answer" and trace.answer_text == "it is 1"
+
+
+def test_step_entropy_policy_drafts_and_rewrites_uncertain_steps():
+    from glimp_cli.policies import step_entropy, step_perplexity
+
+    # The fake's later tokens are near-certain, so a draft "ab" + blank line (4 tokens) has a mean
+    # token entropy of about H_init / 4: 0.5 for the first step, 0.1 for the second.
+    script = [S(2.0, "ab", "XY"), S(0.4, "cd", "ZW"), S(0.1, "The answer is 1.", "The answer is 1.")]
+    trace, steps = run(fake_router(script, step_entropy(0.3)))
+    assert [(s.model, s.text) for s in steps] == [("large", "XY"), ("small", "cd"), ("large", "The answer is 1.")]
+    assert steps[0].draft_signal.mean_entropy == pytest.approx(0.5, abs=1e-3)
+    assert steps[0].discarded_tokens == 4 and steps[1].discarded_tokens == 0
+    assert steps[1].draft_signal.mean_entropy == pytest.approx(0.1, abs=1e-3)
+    # Perplexity of the same drafts: the first token carries all the uncertainty.
+    _, steps = run(fake_router(script, step_perplexity(1.05)))
+    assert [s.model for s in steps] == ["large", "small", "large"]
+    assert steps[0].draft_signal.perplexity > steps[1].draft_signal.perplexity > 1.0

@@ -36,6 +36,8 @@ class Written:
     tokens: tuple[int, ...]
     reason: str  # delimiter | eos | stop_string | marker | length | context_full
     seconds: float
+    entropies: tuple[float, ...] = ()  # per generated token, when the write was scored
+    logprobs: tuple[float, ...] = ()
 
 
 class Backend(Protocol):
@@ -72,8 +74,13 @@ class Backend(Protocol):
         """Full-vocabulary logits of the next token given the context."""
 
     def write(self, first_token: int | None, stop: StepStop, sampling: Sampling,
-              rng: np.random.Generator, on_text: TextSink | None = None) -> Written:
-        """Generate one step, starting with `first_token` when given (the kept probe token)."""
+              rng: np.random.Generator, on_text: TextSink | None = None,
+              first_logits: np.ndarray | None = None) -> Written:
+        """Generate one step, starting with `first_token` when given (the kept probe token).
+
+        With `first_logits` (the distribution `first_token` was drawn from) the write is scored:
+        every token's entropy and log-probability are recorded.
+        """
 
     def close(self) -> None:
         """Release the model."""
@@ -144,19 +151,28 @@ class StepScanner:
 
 
 def write_tokens(backend: Backend, first_token: int | None, stop: StepStop, sampling: Sampling,
-                 rng: np.random.Generator, on_text: TextSink | None = None) -> Written:
+                 rng: np.random.Generator, on_text: TextSink | None = None,
+                 first_logits: np.ndarray | None = None) -> Written:
     """The decode loop: sample, evaluate, scan; the end-of-generation token is never evaluated."""
     start = perf_counter()
     scanner = StepScanner(stop, on_text)
     tokens: list[int] = []
-    token = first_token
+    scored = first_logits is not None
+    entropies: list[float] = []
+    logprobs: list[float] = []
+    token, logits = first_token, first_logits
     reason = "length"
     while len(tokens) < stop.max_new_tokens:
         if token is None:
-            token = sample_token(backend.next_logits(), sampling, rng)
+            logits = backend.next_logits()
+            token = sample_token(logits, sampling, rng)
         if backend.is_eog(token):
             reason = "eos"
             break
+        if scored:
+            entropy, logprob = _score(logits, token)
+            entropies.append(entropy)
+            logprobs.append(logprob)
         try:
             backend.extend((token,))
         except ContextFull:
@@ -170,4 +186,15 @@ def write_tokens(backend: Backend, first_token: int | None, stop: StepStop, samp
         token = None
     if reason in ("eos", "length", "context_full"):
         scanner.close()
-    return Written(scanner.text, tuple(tokens), reason, perf_counter() - start)
+    return Written(scanner.text, tuple(tokens), reason, perf_counter() - start,
+                   tuple(entropies), tuple(logprobs))
+
+
+def _score(logits: np.ndarray, token: int) -> tuple[float, float]:
+    """Entropy (nats) of softmax(logits) and the log-probability of `token`, at temperature 1."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max()
+    p = np.exp(z)
+    total = p.sum()
+    log_total = float(np.log(total))
+    return log_total - float((p * z).sum() / total), float(z[token]) - log_total

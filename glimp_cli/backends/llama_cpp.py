@@ -121,8 +121,9 @@ class LlamaCppBackend:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def write(self, first_token: int | None, stop: StepStop, sampling: Sampling,
-              rng: np.random.Generator, on_text: TextSink | None = None) -> Written:
-        return write_tokens(self, first_token, stop, sampling, rng, on_text)
+              rng: np.random.Generator, on_text: TextSink | None = None,
+              first_logits: np.ndarray | None = None) -> Written:
+        return write_tokens(self, first_token, stop, sampling, rng, on_text, first_logits)
 
     def close(self) -> None:
         self.llm.close()
