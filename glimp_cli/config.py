@@ -92,6 +92,9 @@ class PairSpec:
     seed: int = 0
     max_tokens: int = 1024
     max_step_tokens: int = 256
+    # Thresholds of the draft-then-verify baselines (modes step_entropy, step_perplexity).
+    step_entropy_threshold: float = 1.0
+    step_perplexity_threshold: float = 3.0
 
 
 @dataclass
