@@ -159,3 +159,34 @@ def test_help_does_not_import_llama_cpp():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--tau" in result.stdout
+
+
+def test_hub_model_that_cannot_be_downloaded_is_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    config = write_config(tmp_path, "hf_repo: nobody/nothing-GGUF, hf_file: x.gguf")
+    one_line_error(runner.invoke(app, ["ask", QUESTION, "--config", str(config)]),
+                   "download of nobody/nothing-GGUF/x.gguf failed")
+
+
+@pytest.mark.real
+def test_ctrl_c_prints_what_was_written_and_exits_130():
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glimp_cli", "ask", QUESTION, "--mode", "large", "--max-tokens", "2000",
+         "--max-step-tokens", "2000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen = ""
+    deadline = time.monotonic() + 120
+    while "step 1" not in seen and time.monotonic() < deadline:
+        seen += proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    out, errors = proc.communicate(timeout=60)
+    assert proc.returncode == 130, errors
+    assert "interrupted" in out and "wall time" in out
+    assert "Traceback" not in errors
