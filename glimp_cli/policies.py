@@ -39,6 +39,8 @@ class Policy:
     # Draft-then-verify policies: the small model drafts every step, and the large model rewrites
     # it when `rewrite(draft)` says so (the step-level signals the paper compares H_init against).
     rewrite: Callable[[DraftScore], bool] | None = None
+    # Stateful policies (e.g. adaptive thresholds) give each trace a fresh copy of themselves.
+    for_trace: Callable[[], "Policy"] | None = None
 
 
     def __call__(self, h_init: float | None, rng: np.random.Generator) -> Role:

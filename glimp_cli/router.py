@@ -321,7 +321,7 @@ class Router:
 
     def _run(self, trace: Trace) -> Iterator[Step]:
         s = self.settings
-        policy = self.policy
+        policy = self.policy.for_trace() if self.policy.for_trace else self.policy
         rng = np.random.default_rng([s.seed, _stable_hash(trace.question)])
         listener = trace.listener
         on_text = listener.text if listener else None
