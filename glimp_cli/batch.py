@@ -249,18 +249,41 @@ def matched_share(out: ResultsFile, questions: list[Question]) -> float | None:
     return sum(large for large, _ in counts) / total if total else None
 
 
+NEEDS_SHARE = ("random mode needs a large share: give one, or run glimp mode on the same "
+               "questions into the same results file")
+
+
 def _random_share(out: ResultsFile, questions: list[Question]) -> float:
     share = matched_share(out, questions)
     if share is None:
-        raise UsageError("random mode needs a large share: give one, or run glimp mode on the same "
-                         "questions into the same results file")
+        raise UsageError(NEEDS_SHARE)
     return share
+
+
+def pending_modes(questions: list[Question], modes: Iterable[str], done: set[tuple[str, str]]) -> list[str]:
+    """The modes, in run order, that still have a question not in `done`."""
+    return [m for m in order_modes(modes) if any((q.id, m) not in done for q in questions)]
+
+
+def check_random_share(modes: Iterable[str], fixed_share: float | None, questions: list[Question],
+                       out: ResultsFile | None = None) -> None:
+    """Refuse random mode up front when it would have no share to run at.
+
+    That is: no share given, no glimp mode in this batch, and no glimp records of these questions
+    in `out` (None: before the file is opened, so none). Call it before loading models.
+    """
+    modes = list(modes)
+    if "random" in modes and fixed_share is None and "glimp" not in modes:
+        if out is None:
+            raise UsageError(NEEDS_SHARE)
+        _random_share(out, questions)
 
 
 def run_batch(router_for_mode: Callable[[str, dict], Router], questions: list[Question], modes: list[str],
               out: ResultsFile, done: set[tuple[str, str]], settings_for_mode: Callable[[str], dict],
               on_result: Callable[[dict], None] | None = None,
-              stop: threading.Event | None = None) -> BatchOutcome:
+              stop: threading.Event | None = None, concurrency: int = 1,
+              worker_router: Callable[[str, dict, int], Router] | None = None) -> BatchOutcome:
     """Run every question not in `done` through each mode, appending one record per question.
 
     `router_for_mode(mode, settings)` is called once per mode that has work, with that mode's
@@ -274,6 +297,11 @@ def run_batch(router_for_mode: Callable[[str, dict], Router], questions: list[Qu
     written, every finished one stays, and the outcome is returned with `interrupted=True`
     (the exception is not re-raised). A question whose prompt does not fit a model's context is
     listed in `failed` and not written, so a resume tries it again.
+
+    `concurrency` > 1 keeps that many questions of a mode in flight, one thread each (for models
+    behind servers: the threads wait on HTTP). Worker 0 uses `router_for_mode`'s router, worker i
+    `worker_router(mode, settings, i)`, which must share no backend with the others. Each question's
+    steps stay in order in its own thread; records are appended whole, in the order questions finish.
     """
     modes = order_modes(modes)
     outcome = BatchOutcome()
@@ -291,6 +319,12 @@ def run_batch(router_for_mode: Callable[[str, dict], Router], questions: list[Qu
                 settings["large_share"] = _random_share(out, questions)
             outcome.random_share = settings["large_share"]
         router = router_for_mode(mode, settings)
+        workers = min(concurrency, len(todo))
+        if workers > 1:
+            routers = [router] + [worker_router(mode, settings, i) for i in range(1, workers)]
+            if _run_concurrently(routers, todo, mode, settings, out, done, outcome, on_result, stop):
+                return outcome
+            continue
         for question in todo:
             if stop is not None and stop.is_set():
                 outcome.interrupted = True
@@ -309,3 +343,66 @@ def run_batch(router_for_mode: Callable[[str, dict], Router], questions: list[Qu
             except ContextLimitError as exc:
                 outcome.failed.append((question.id, mode, str(exc)))
     return outcome
+
+
+def _run_concurrently(routers: list[Router], todo: list[Question], mode: str, settings: dict, out: ResultsFile,
+                      done: set[tuple[str, str]], outcome: BatchOutcome,
+                      on_result: Callable[[dict], None] | None, stop: threading.Event | None) -> bool:
+    """One mode's questions over one thread per router; True if interrupted.
+
+    The results file, `done`, `outcome` and `on_result` are touched under one lock. A failure in a
+    worker stops the others from taking new questions; what they finish is still written, then the
+    first failure is raised here. Ctrl-C returns at once: nothing finishing later is written.
+    """
+    lock = threading.Lock()
+    pending = iter(todo)
+    halt = threading.Event()
+    errors: list[BaseException] = []
+    cancelled = False
+
+    def worker(router: Router) -> None:
+        while not halt.is_set() and not (stop is not None and stop.is_set()):
+            with lock:
+                question = next(pending, None)
+            if question is None:
+                return
+            try:
+                record = result_record(question, router.run(question.question).run(), mode, settings)
+            except ContextLimitError as exc:
+                with lock:
+                    outcome.failed.append((question.id, mode, str(exc)))
+                continue
+            except BaseException as exc:  # a server gone, a bug: stop taking questions, report it once
+                with lock:
+                    errors.append(exc)
+                halt.set()
+                return
+            with lock:
+                if cancelled:
+                    return
+                out.append(record)
+                done.add((question.id, mode))
+                outcome.written += 1
+                if on_result is not None:
+                    on_result(record)
+
+    threads = [threading.Thread(target=worker, args=(r,), name=f"glimp-batch-{i}", daemon=True)
+               for i, r in enumerate(routers)]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)  # short joins, so Ctrl-C reaches this (main) thread
+    except KeyboardInterrupt:
+        with lock:
+            cancelled = True  # a question finishing after this is dropped, like the one in flight
+        halt.set()
+        outcome.interrupted = True
+        return True
+    if errors:
+        raise errors[0]
+    if stop is not None and stop.is_set():
+        outcome.interrupted = True
+        return True
+    return False

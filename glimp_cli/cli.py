@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -181,6 +182,380 @@ def models(
         for table in registry_tables(registry):
             out.print(table)
             out.print()
+
+
+ConcurrencyOpt = typer.Option(
+    1, "--concurrency", envvar="GLIMP_CONCURRENCY",
+    help="Questions in flight at once (threads), for models behind servers (backend openai) only. "
+         "Each question's steps stay in order; results are written as questions finish.")
+
+BatchModeOpt = typer.Option(
+    None, "--mode", envvar="GLIMP_MODE",
+    help="Modes to run: glimp, small, large, random, step_entropy, step_perplexity, all of them, or a comma "
+         "list such as glimp,large (default: the pair's mode). Without --large-share, random runs at the "
+         "large share glimp reached.")
+
+
+def _batch_modes(value: str) -> list[str]:
+    from glimp_cli.batch import order_modes
+    from glimp_cli.errors import UsageError
+    from glimp_cli.policies import MODES
+
+    names = [name.strip().lower() for name in value.split(",")]
+    if not all(names):
+        raise UsageError(f"--mode {value!r} has an empty entry")
+    return order_modes(m for name in names for m in (MODES if name == "all" else (name,)))
+
+
+@app.command()
+def batch(
+    ctx: typer.Context,
+    questions: Path = typer.Argument(..., help="JSON Lines file, one question a line (GSM8K or AIME fields)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Results file: JSON Lines, one line per question and mode."),
+    mode: Optional[str] = BatchModeOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue the results file: skip each (question, mode) it holds. Settings must match."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Empty the results file first if it already holds results."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Run at most this many questions (after --offset)."),
+    offset: int = typer.Option(0, "--offset", help="Skip this many questions first."),
+    shuffle: bool = typer.Option(False, "--shuffle", help="Shuffle the questions with --seed before --offset and --limit."),
+    question_field: Optional[str] = typer.Option(None, "--question-field", help="Field holding the question (default: question, else problem)."),
+    answer_field: Optional[str] = typer.Option(None, "--answer-field", help="Field holding the reference answer (default: answer)."),
+    id_field: Optional[str] = typer.Option(None, "--id-field", help="Field holding the question id (default: id, else the line number)."),
+    probe_baseline: bool = ProbeOpt,
+    pair: Optional[str] = PairOpt,
+    small: Optional[str] = SmallOpt,
+    large: Optional[str] = LargeOpt,
+    tau: Optional[float] = TauOpt,
+    large_share: Optional[float] = ShareOpt,
+    temperature: Optional[float] = TempOpt,
+    top_p: Optional[float] = TopPOpt,
+    seed: Optional[int] = SeedOpt,
+    max_tokens: Optional[int] = MaxTokOpt,
+    max_step_tokens: Optional[int] = MaxStepOpt,
+    delimiter: Optional[str] = DelimOpt,
+    estimator: Optional[str] = EstOpt,
+    config: Optional[Path] = ConfigOpt,
+    verbose: bool = VerboseOpt,
+    concurrency: int = ConcurrencyOpt,
+):
+    """Run a question file through one or more modes into a resumable results file, then print the report.
+
+    Each finished question is on disk before the next starts. Ctrl-C stops at once: the question in flight is dropped, everything finished is kept, and --resume picks up from there.
+
+    Exit status:
+    0 every question ran in every mode;
+    1 an error stopped the batch (finished results are kept), or some questions failed (their prompt does not fit a model's context; --resume retries them);
+    2 bad usage;
+    3 the batch ran, but some input lines were skipped (each shown on stderr as FILE:LINE: reason);
+    130 interrupted.
+    """
+    with user_errors():
+        from glimp_cli.batch import (
+            ResultsFile, check_random_share, pair_settings, pending_modes, run_batch,
+        )
+        from glimp_cli.engine import Engine, pair_policy
+        from glimp_cli.errors import InputError, UsageError
+        from glimp_cli.progress import BatchProgress
+        from glimp_cli.questions import load_questions
+
+        if resume and overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
+        values = dict(small=small, large=large, tau=tau, large_share=large_share, temperature=temperature,
+                      top_p=top_p, seed=seed, max_tokens=max_tokens, max_step_tokens=max_step_tokens,
+                      delimiter=delimiter, estimator=estimator)
+        registry, pair_spec = _resolve(ctx, config, pair, values, verbose)
+        modes = _batch_modes(mode) if mode is not None else _batch_modes(pair_spec.mode)
+        # Random runs at a share the user set (flag, environment or models.yaml), else at glimp's.
+        share_given = large_share is not None or "large_share" in registry.pair_keys.get(pair_spec.name, ())
+        share = pair_spec.large_share if share_given else None
+        if verbose:
+            err.print(f"modes: {', '.join(modes)}", markup=False)
+
+        loaded, skipped = load_questions(questions, question_field, answer_field, id_field, limit, offset,
+                                         shuffle, pair_spec.seed)
+        for line in skipped:
+            err.print(f"{questions}:{line.line}: {line.reason}", markup=False)
+        if not loaded:
+            raise InputError(f"{questions}: no questions to run"
+                             + (" (check --offset and --limit)" if offset or limit is not None else ""))
+        key = pair_settings(pair_spec)
+
+        def settings_for_mode(name: str) -> dict:
+            return {**key, "large_share": share if name == "random" else None}
+
+        def policy_for(name: str, settings: dict):
+            given = {} if settings["large_share"] is None else {"large_share": settings["large_share"]}
+            return pair_policy(dataclasses.replace(pair_spec, mode=name, **given), probe_baseline)
+
+        if not resume:
+            check_random_share(modes, share, loaded)  # before --overwrite empties the file
+        out, done = ResultsFile.open(output, resume, key, overwrite)
+        with out:
+            if out.repaired:
+                err.print(f"glimp: warning: {out.repaired}", markup=False)
+            todo = pending_modes(loaded, modes, done)
+            check_random_share(todo, share, loaded, out)
+            roles = set().union(*(policy_for(m, settings_for_mode(m)).models for m in todo))
+            pending = {m: sum((q.id, m) not in done for q in loaded) for m in todo}
+            _check_concurrency(registry, pair_spec, roles, concurrency)
+            outcome, interrupted = None, False
+            engine = None
+            extra: list = []  # one more Engine per extra --concurrency worker (remote models only)
+            try:
+                if todo:
+                    engine = Engine.load(registry, pair_spec, roles)
+                    extra += [Engine.load(registry, pair_spec, roles) for _ in range(concurrency - 1)]
+                    with BatchProgress(err, pending) as progress:
+
+                        def router_for_mode(name: str, settings: dict):
+                            progress.mode_started(name, settings)
+                            return engine.router(policy_for(name, settings))
+
+                        outcome = run_batch(router_for_mode, loaded, modes, out, done, settings_for_mode,
+                                            progress.result, concurrency=concurrency,
+                                            worker_router=lambda name, settings, i: extra[i - 1].router(
+                                                policy_for(name, settings)))
+                    interrupted = outcome.interrupted
+            except KeyboardInterrupt:  # while loading, or between questions
+                interrupted = True
+            finally:
+                if engine is not None:
+                    engine.close()
+                for worker_engine in extra:
+                    worker_engine.close()
+
+        _batch_summary(output, len(loaded), outcome, interrupted)
+        _print_report(output, as_json=False)
+        if interrupted:
+            raise typer.Exit(130)
+        if outcome is not None and outcome.failed:
+            raise typer.Exit(1)
+        if skipped:
+            raise typer.Exit(3)
+
+
+def _check_concurrency(registry, pair_spec, roles: set, concurrency: int) -> None:
+    """--concurrency above 1 only when every model the batch uses is behind a server."""
+    from glimp_cli.backends import REMOTE_BACKENDS
+    from glimp_cli.errors import UsageError
+
+    if concurrency < 1:
+        raise UsageError("--concurrency must be at least 1")
+    if concurrency == 1:
+        return
+    for role in sorted(roles):
+        spec = registry.model(getattr(pair_spec, role))
+        if spec.backend not in REMOTE_BACKENDS:
+            raise UsageError(f"--concurrency {concurrency} needs models behind servers, but the {role} model "
+                             f"{spec.name!r} runs in process (backend {spec.backend}): use --concurrency 1")
+
+
+def _batch_summary(output: Path, n_questions: int, outcome, interrupted: bool) -> None:
+    """One line on stderr for what the run did, and one per failed question."""
+    if outcome is None and not interrupted:
+        err.print(f"nothing to do: {output} holds all {n_questions} questions in every mode", markup=False)
+        return
+    if outcome is not None:
+        for qid, name, why in outcome.failed:
+            err.print(f"glimp: question {qid} failed in {name} mode: {why}", markup=False)
+        line = f"wrote {outcome.written} results to {output}"
+        if outcome.already_done:
+            line += f" ({outcome.already_done} were there already)"
+        if outcome.random_share is not None:
+            line += f"; random mode ran at large share {outcome.random_share:.1%}"
+        err.print(line, markup=False)
+    if interrupted:
+        err.print(f"interrupted: finished results are kept in {output}; continue with --resume", markup=False)
+
+
+def _print_report(path: Path, as_json: bool) -> None:
+    from glimp_cli.report import load_results, render_table, rows_to_json, summarize
+
+    records, warnings = load_results(path)
+    for warning in warnings:
+        err.print(f"glimp: warning: {warning}", markup=False)
+    rows = summarize(records)
+    if as_json:
+        sys.stdout.write(json.dumps(rows_to_json(rows), ensure_ascii=False, indent=2) + "\n")
+    elif rows:
+        out = Console(highlight=False)
+        if not out.is_terminal and "COLUMNS" not in os.environ:
+            out.width = max(out.width, 160)  # a log or pipe: room for every column, not 80 squeezed ones
+        out.print()
+        out.print(render_table(rows))
+    else:
+        err.print(f"no results in {path} yet", markup=False)
+
+
+@app.command()
+def report(
+    results: Path = typer.Argument(..., help="A results file written by glimp batch (also of an interrupted run)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the per-mode rows as JSON."),
+):
+    """Summarize a batch results file per mode: accuracy with a 95% interval, latency, tokens, large share.
+
+    Lines that cannot be read (such as the torn last line of a killed run) are skipped with a warning on stderr.
+
+    Exit status: 0 done (also with skipped lines); 1 the file cannot be read.
+    """
+    with user_errors():
+        _print_report(results, as_json)
+
+
+@app.command()
+def calibrate(
+    ctx: typer.Context,
+    questions: Optional[Path] = typer.Argument(
+        None, help="Calibration questions, JSON Lines as for batch (default: the shipped set, the last 100 GSM8K test problems)."),
+    traces: Optional[Path] = typer.Option(None, "--traces", help="Read H_init from a glimp batch results file instead of running the pair."),
+    traces_mode: Optional[str] = typer.Option(None, "--traces-mode", help="With --traces: the mode whose steps to read (default: small if the file has it, else glimp, ...)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many questions (after --offset)."),
+    offset: int = typer.Option(0, "--offset", help="Skip this many questions first."),
+    question_field: Optional[str] = typer.Option(None, "--question-field", help="Field holding the question (default: question, else problem)."),
+    answer_field: Optional[str] = typer.Option(None, "--answer-field", help="Field holding the reference answer (default: answer)."),
+    id_field: Optional[str] = typer.Option(None, "--id-field", help="Field holding the question id (default: id, else the line number)."),
+    large_share: Optional[float] = typer.Option(None, "--large-share", help="Pick tau so that this share of the recorded steps goes to the large model."),
+    sweep: bool = typer.Option(False, "--sweep", help="Run batch at the taus of --shares, the adaptive policy, small and large alone; print the frontier."),
+    shares: str = typer.Option("0.25,0.5,0.75", "--shares", help="Large shares whose taus (quantiles of the record) the sweep runs."),
+    adaptive: bool = typer.Option(True, "--adaptive/--no-adaptive", help="Also sweep the adaptive per-question policy at each share."),
+    warmup: int = typer.Option(2, "--warmup", help="Adaptive policy: steps routed at the fixed tau before a trace's own quantile takes over."),
+    objective: Optional[str] = typer.Option(
+        None, "--objective", help="Pick tau from the sweep: fastest-within-drop (of large alone, --max-drop) "
+                                  "or most-accurate-under-latency (--max-latency-ratio)."),
+    max_drop: float = typer.Option(1.0, "--max-drop", help="Accuracy points below large alone that fastest-within-drop accepts."),
+    max_latency_ratio: float = typer.Option(0.8, "--max-latency-ratio", help="Mean latency / large alone's that most-accurate-under-latency accepts."),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Where the runs' batch files go and are reused (default: a folder per pair, questions and settings in the glimp cache)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: the H_init histogram, and the frontier after --sweep (needs the plot extra)."),
+    write: bool = typer.Option(False, "--write", help="Store the chosen tau in the pair's entry of your models.yaml (--config, else the user file)."),
+    exclude: Optional[Path] = typer.Option(None, "--exclude", help="Evaluation questions: refuse when calibration questions overlap them."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Calibrate even when questions overlap --exclude."),
+    pair: Optional[str] = PairOpt,
+    small: Optional[str] = SmallOpt,
+    large: Optional[str] = LargeOpt,
+    tau: Optional[float] = TauOpt,
+    temperature: Optional[float] = TempOpt,
+    top_p: Optional[float] = TopPOpt,
+    seed: Optional[int] = SeedOpt,
+    max_tokens: Optional[int] = MaxTokOpt,
+    max_step_tokens: Optional[int] = MaxStepOpt,
+    delimiter: Optional[str] = DelimOpt,
+    estimator: Optional[str] = EstOpt,
+    config: Optional[Path] = ConfigOpt,
+    verbose: bool = VerboseOpt,
+):
+    """Pick tau from data: record every step's H_init on calibration questions, show the distribution, choose.
+
+    Without --traces the small model runs alone over the questions (its first token is the probe, so every step's H_init comes free); that run is kept in --runs-dir and reused. --large-share picks tau as a quantile of the record; --sweep --objective picks it from measured accuracy and latency.
+
+    Exit status: 0 done; 1 an error (or the objective found no tau to write); 2 bad usage; 130 interrupted.
+    """
+    with user_errors():
+        from glimp_cli import calibrate as cal
+        from glimp_cli.config import user_config
+        from glimp_cli.errors import InputError, UsageError
+        from glimp_cli.progress import BatchProgress
+        from glimp_cli.questions import load_questions
+        from glimp_cli.sources import cache_dir
+
+        if traces and (questions or sweep):
+            raise UsageError("--traces reads recorded steps: give it without a questions file and without --sweep")
+        if objective and objective not in cal.OBJECTIVES:
+            raise UsageError(f"--objective {objective!r} is not one of {', '.join(cal.OBJECTIVES)}")
+        if objective and not sweep:
+            raise UsageError("--objective picks from the sweep: add --sweep")
+        if objective and large_share is not None:
+            raise UsageError("pick tau by --large-share or by --objective, not both")
+        if write and not objective and large_share is None:
+            raise UsageError("--write needs a tau to write: choose it with --large-share or --sweep --objective")
+        if max_drop < 0 or max_latency_ratio <= 0:
+            raise UsageError("--max-drop must be >= 0 and --max-latency-ratio > 0")
+        grid = cal.parse_shares(shares) if sweep else None
+        values = dict(small=small, large=large, tau=tau, temperature=temperature, top_p=top_p, seed=seed,
+                      max_tokens=max_tokens, max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator)
+        registry, pair_spec = _resolve(ctx, config, pair, values, verbose)
+        out = Console(highlight=False)
+
+        if traces:
+            texts = cal.trace_questions(traces)
+        else:
+            source = questions or cal.calibration_set()
+            loaded, skipped = load_questions(source, question_field, answer_field, id_field, limit, offset)
+            for line in skipped:
+                err.print(f"{source}:{line.line}: {line.reason}", markup=False)
+            if not loaded:
+                raise InputError(f"{source}: no questions to calibrate on")
+            texts = [q.question for q in loaded]
+        if exclude:
+            note = cal.check_held_out(texts, exclude, allow_overlap)
+            if note:
+                err.print(f"glimp: warning: {note}", markup=False)
+
+        rows, chosen = None, None
+        if traces:
+            dist = cal.distribution_from_traces(traces, traces_mode)
+        else:
+            where = runs_dir or cal.default_runs_dir(cache_dir() / "calibrate", pair_spec, loaded)
+
+            def progress(run, pending: int):
+                err.print(f"{run.label}: {pending} of {len(loaded)} questions to run into {run.path}", markup=False)
+                return BatchProgress(err, {run.mode: pending})
+
+            def on_done(run, outcome) -> None:
+                for qid, _, why in outcome.failed:
+                    err.print(f"glimp: question {qid} failed in {run.label}: {why}", markup=False)
+                if not outcome.written and not outcome.interrupted:
+                    err.print(f"{run.label}: reused {outcome.already_done} results from {run.path}", markup=False)
+
+            models = cal.ModelsOnDemand(registry, pair_spec)
+            try:
+                result = cal.run_calibration(loaded, pair_spec, models.router, where, grid, adaptive, warmup,
+                                             progress, on_done)
+            except KeyboardInterrupt:
+                result = cal.Calibration(None, [], True)
+            finally:
+                models.close()
+            if result.interrupted:
+                err.print(f"interrupted: finished runs are kept in {where}; run the same command to go on",
+                          markup=False)
+                raise typer.Exit(130)
+            dist = result.dist
+            if sweep:
+                rows = cal.frontier(result.runs, loaded)
+
+        out.print(cal.describe_distribution(dist), markup=False)
+        at = cal.choose_by_share(dist.values, large_share) if large_share is not None else None
+        if rows is not None:
+            pick = cal.pick_tau(rows, objective, max_drop, max_latency_ratio) if objective else None
+            chosen = pick.row if pick else None
+            if chosen is not None:
+                at = cal.share_at(dist.values, chosen.run.tau)
+        at = at or cal.share_at(dist.values, pair_spec.tau)
+        out.print()
+        out.print(cal.render_histogram(dist, at))
+        out.print()
+        out.print(cal.describe_choice(at), markup=False)
+        if rows is not None:
+            out.print()
+            out.print(cal.render_frontier(rows, chosen))
+            if objective:
+                out.print(f"{objective}: {pick.reason}", markup=False)
+                if pick.note:
+                    out.print(f"note: {pick.note}", markup=False)
+        if plot:
+            title = f"glimp calibrate · pair {pair_spec.name} ({pair_spec.small} / {pair_spec.large})"
+            err.print(f"wrote {cal.write_plot(plot, dist, at, rows, chosen, title)}", markup=False)
+        if write:
+            if objective and chosen is None:
+                raise InputError(f"nothing written: {pick.reason}")
+            if traces:
+                recorded = {p for p, _ in dist.recorded_with} | {e for _, e in dist.recorded_with}
+                if dist.recorded_with != {(pair_spec.name, pair_spec.estimator)}:
+                    raise UsageError(f"{traces} was recorded with {', '.join(sorted(map(str, recorded)))}, not pair "
+                                     f"{pair_spec.name} with estimator {pair_spec.estimator}: its tau belongs to that pair")
+            change = cal.write_tau(config or user_config(), registry, pair_spec.name, at.tau)
+            what = "added the pair's entry with" if change.added else "set"
+            out.print(f"{change.path}: {what} pairs.{change.pair}.tau = {change.new:g} (was {change.old:g})",
+                      markup=False)
 
 
 def version_callback(value: bool):

@@ -237,10 +237,25 @@ def _model(name: str, raw: Any, prompts: dict, path: Path) -> ModelSpec:
         raise ConfigError(f"{path}: {prompt_where}.template: a plain prompt needs a template with {{question}}")
     if spec.backend == "llama_cpp":
         _check_source(spec.source, path, where)
+    elif spec.backend == "openai":
+        _check_remote(spec, path, where, prompt_where)
     for key in ("n_ctx", "n_batch"):
         if getattr(spec, key) < 1:
             raise ConfigError(f"{path}: {where}.{key}: must be a positive integer")
     return spec
+
+
+def _check_remote(spec: ModelSpec, path: Path, where: str, prompt_where: str) -> None:
+    """An HTTP model: a base URL, a plain prompt (a server's chat template is not visible), sane limits."""
+    if not spec.base_url or not spec.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{path}: {where}.base_url: backend openai needs an http(s) URL such as http://127.0.0.1:8080/v1")
+    if spec.prompt.style != "plain":
+        raise ConfigError(f"{path}: {prompt_where}.style: backend openai needs style: plain with the chat "
+                          "template written out (glimp cannot read the served model's template)")
+    if spec.timeout <= 0:
+        raise ConfigError(f"{path}: {where}.timeout: must be a positive number of seconds")
+    if spec.max_retries < 0:
+        raise ConfigError(f"{path}: {where}.max_retries: must be >= 0")
 
 
 def _check_source(source: Source | None, path: Path, where: str) -> None:

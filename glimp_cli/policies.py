@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Literal
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 
@@ -87,12 +88,66 @@ def step_perplexity(threshold: float) -> Policy:
                   rewrite=lambda d: d.perplexity > threshold)
 
 
-MODES = ("glimp", "small", "large", "random", "step_entropy", "step_perplexity")
+def share_threshold(values: Sequence[float], share: float) -> float:
+    """The threshold above which a `share` of `values` lie: the k-th smallest, k = round(n * (1 - share)).
+
+    Rounding is half up; k = 0 (share near 1) gives -inf, so every value is above it. On ties the
+    share above may come out lower than asked: count it, do not assume it.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"large share {share} is not between 0 and 1")
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("no values to take a threshold from")
+    k = math.floor(len(ordered) * (1.0 - share) + 0.5)
+    return -math.inf if k == 0 else float(ordered[k - 1])
+
+
+ADAPTIVE_SHARE = 0.3  # target large share of an adaptive policy when none is given
+ADAPTIVE_WARMUP = 2  # steps routed at the fixed tau before a trace has a quantile of its own
+
+
+def adaptive(target_share: float, tau0: float, warmup: int = ADAPTIVE_WARMUP) -> Policy:
+    """A per-question threshold: the large model takes the hardest `target_share` of each trace's steps.
+
+    The first `warmup` probed steps of a trace are routed at the fixed `tau0` (the calibrated tau for
+    the same share); after that a step goes to the large model when its H_init lies above
+    `share_threshold` of every H_init this trace has seen, itself included. A fixed tau holds the
+    share on average over questions (easy ones get no large step, hard ones many); this holds it
+    within each question, and follows a question whose entropies sit higher or lower as a whole.
+    Each trace gets a fresh copy (`for_trace`), so no state leaks from one question to the next.
+    """
+    if not 0.0 <= target_share <= 1.0:
+        raise ConfigError(f"adaptive large share {target_share} is not between 0 and 1")
+    if warmup < 0:
+        raise ConfigError(f"adaptive warm-up {warmup} must not be negative")
+    name = f"adaptive(large_share={target_share:g}, warmup={warmup}, tau0={tau0:g})"
+
+    def fresh() -> Policy:
+        seen: list[float] = []
+
+        def choose(h: float | None, rng: np.random.Generator) -> Role:
+            if h is None:
+                return LARGE
+            seen.append(h)
+            tau = tau0 if len(seen) <= warmup else share_threshold(seen, target_share)
+            return SMALL if h <= tau else LARGE
+
+        return Policy(name, choose)
+
+    return replace(fresh(), for_trace=fresh)
+
+
+MODES = ("glimp", "small", "large", "random", "step_entropy", "step_perplexity", "adaptive")
 
 
 def make_policy(mode: str, tau: float, large_share: float, probe_baseline: bool = False,
-                step_entropy_threshold: float = 1.0, step_perplexity_threshold: float = 3.0) -> Policy:
-    """The policy for a `--mode`; `probe_baseline` makes large mode record H_init."""
+                step_entropy_threshold: float = 1.0, step_perplexity_threshold: float = 3.0,
+                adaptive_share: float | None = None, adaptive_warmup: int = ADAPTIVE_WARMUP) -> Policy:
+    """The policy for a `--mode`; `probe_baseline` makes large mode record H_init.
+
+    `adaptive` targets `adaptive_share` (ADAPTIVE_SHARE when None) and warms up at `tau`.
+    """
     if mode == "glimp":
         return threshold(tau)
     if mode == "small":
@@ -105,4 +160,6 @@ def make_policy(mode: str, tau: float, large_share: float, probe_baseline: bool 
         return step_entropy(step_entropy_threshold)
     if mode == "step_perplexity":
         return step_perplexity(step_perplexity_threshold)
+    if mode == "adaptive":
+        return adaptive(ADAPTIVE_SHARE if adaptive_share is None else adaptive_share, tau, adaptive_warmup)
     raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")

@@ -52,7 +52,7 @@ def summary_table(trace: Trace, answer: str | None) -> Table:
         per_model.add_column(column, justify="left" if column == "model" else "right")
     for role in ("small", "large"):
         per_model.add_row(Text(role, style=COLOURS[role]), str(s["steps"][role]), str(s["tokens"][role]),
-                          str(s["evaluated_tokens"].get(role, 0)))
+                          str(s["evaluated_tokens"].get(role, "-")))  # "-": a server's, not visible
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
@@ -88,10 +88,18 @@ def registry_tables(registry) -> list[Table]:
             here = availability(spec, path.parent)
             available = Text(("yes: " if here.available else "no: ") + here.where,
                              style="green" if here.available else "yellow")
+        elif spec.backend == "openai":
+            from glimp_cli.backends.openai_http import reachability
+
+            up, what = reachability(spec)
+            available = Text(("yes: " if up else "no: ") + what, style="green" if up else "yellow")
         else:
             available = Text(f"{spec.backend} backend", style="dim")
         settings = (f"backend {spec.backend}, prompt {spec.prompt.style}, n_ctx {spec.n_ctx}, "
                     f"n_gpu_layers {spec.n_gpu_layers}, threads {spec.threads or 'all'}")
+        if spec.backend == "openai":
+            settings = (f"backend openai, prompt {spec.prompt.style}, timeout {spec.timeout:g} s, "
+                        f"max_retries {spec.max_retries}" + (f", key from ${spec.api_key_env}" if spec.api_key_env else ""))
         models.add_row(name, describe(spec), available, settings)
     pairs = Table(title="pairs", title_justify="left")
     for column in ("name", "small", "large", "settings"):

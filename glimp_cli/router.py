@@ -13,13 +13,16 @@ import numpy as np
 from glimp_cli.backends.base import Backend, ContextFull, StepStop, Written
 from glimp_cli.config import PromptFormat
 from glimp_cli.entropy import EstimatorSpec
-from glimp_cli.errors import ContextLimitError, UsageError
+from glimp_cli.errors import ConfigError, ContextLimitError, UsageError
 from glimp_cli.policies import LARGE, SMALL, DraftScore, Policy, Role
 from glimp_cli.prompts import render_prompt
 from glimp_cli.sampling import Sampling, sample_token
 
 # Why a trace ended; a step's own stop_reason is one of these or delimiter / max_step_tokens.
 TRACE_STOPS = ("answer", "eos", "stop_string", "max_tokens", "context_full", "repetition", "interrupted")
+# Top log-probabilities a text-level (HTTP) small model is asked for when the estimator is exact but
+# nothing is probed (small mode): its first token of a step is drawn from these.
+DEFAULT_TEXT_TOP_K = 20
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,16 @@ class _Side:
         unseen = texts[self.steps_seen:]
         return self.context_len + sum(len(self.continuation(t)) + len(self.delim_tokens) for t in unseen)
 
+    def evaluated_tokens(self) -> int:
+        """Tokens this model evaluated since `start`."""
+        return self.backend.evaluated - self.evaluated_at_start
+
+    def drop_draft(self) -> None:
+        """Forget what `write` added after the settled context (a rejected or handed-over draft)."""
+        self.backend.rewind(self.context_len)
+
+    probe_form = "in-process logits"
+
     def settle(self, written: Written, text: str) -> int:
         """Make the writer's context end with `text` + the canonical delimiter, keeping its own tokens.
 
@@ -200,6 +213,65 @@ class _Side:
         self.context_len += kept + len(tail)
         self.steps_seen += 1
         return kept
+
+
+class _TextSide:
+    """Keeps a text-level model's context (a server's) equal to prompt + steps, each + the delimiter.
+
+    The same small interface as `_Side`, on text: the server tokenizes and reuses its KV cache by
+    prefix, so there is nothing to evaluate or rewind here, and a dropped draft was never added.
+    How a context ending in the delimiter is tokenized is the backend's business (`probe_form`).
+    `context_len` counts characters; what the server evaluated is not visible (None).
+    """
+
+    def __init__(self, slot: ModelSlot, delimiter: str, top_k: int):
+        self.slot = slot
+        self.backend = slot.backend
+        self.delimiter = delimiter
+        self.backend.delimiter = delimiter
+        self.backend.top_k = top_k
+        self.started = False
+        self.steps_seen = 0
+        self.context_len = 0
+
+    def start(self, question: str) -> int:
+        """Set the context to the prompt; the server prefills it inside the next request (returns 0)."""
+        b = self.backend
+        self._set(render_prompt(self.slot.prompt, question, b.chat_template, b.bos_token, b.eos_token, b.name))
+        self.started = True
+        self.steps_seen = 0
+        return 0
+
+    def sync(self, texts: Sequence[str]) -> int:
+        """Append the steps the other model wrote (nothing is evaluated until the next request)."""
+        unseen = texts[self.steps_seen:]
+        if unseen:
+            self._set(self.backend.text + "".join(t + self.delimiter for t in unseen))
+        self.steps_seen = len(texts)
+        return 0
+
+    def settle(self, written: Written, text: str) -> int:
+        """Append the step the model wrote itself; every generated token counts as kept."""
+        self._set(self.backend.text + text + self.delimiter)
+        self.steps_seen += 1
+        return len(written.tokens)
+
+    def drop_draft(self) -> None:
+        """Nothing to undo: `write` never extends the text."""
+
+    def final_length(self, texts: Sequence[str]) -> None:
+        return None
+
+    def evaluated_tokens(self) -> None:
+        return None
+
+    @property
+    def probe_form(self) -> str | None:
+        return self.backend.probe_form
+
+    def _set(self, text: str) -> None:
+        self.backend.text = text
+        self.context_len = len(text)
 
 
 def _char_boundary(data: bytes, n: int) -> bool:
@@ -243,8 +315,11 @@ class Trace:
             texts = [step.text for step in self.steps]
             for role, side in self.router._sides.items():
                 if side.started:
-                    self.evaluated[role] = side.backend.evaluated - side.evaluated_at_start
-                    self.context_tokens[role] = side.final_length(texts)
+                    evaluated, length = side.evaluated_tokens(), side.final_length(texts)
+                    if evaluated is not None:  # a remote model's server evaluation is not visible
+                        self.evaluated[role] = evaluated
+                    if length is not None:
+                        self.context_tokens[role] = length
 
     def run(self) -> "Trace":
         """Drain the steps; returns self."""
@@ -279,6 +354,8 @@ class Trace:
         return {
             "question": self.question,
             "policy": self.router.policy.name,
+            "estimator": str(self.router.settings.estimator),
+            "probe": self.router._sides[SMALL].probe_form if self.router.policy.needs_probe else None,
             "stop_reason": self.stop_reason,
             "answer_text": self.answer_text,
             "steps": [step.to_dict() for step in self.steps],
@@ -303,7 +380,7 @@ class Router:
         self.policy = policy
         self.settings = settings
         self.delimiter = settings.delimiter
-        self._sides = {SMALL: _Side(small, settings.delimiter), LARGE: _Side(large, settings.delimiter)}
+        self._sides = {SMALL: _side(small, settings, policy), LARGE: _side(large, settings, policy)}
         self.answer_markers = tuple(
             m for m in {small.prompt.answer_marker, large.prompt.answer_marker} if m
         )
@@ -370,7 +447,7 @@ class Router:
                     score = _draft_score(written) if policy.rewrite else None
                     if score is not None and written.reason in ("delimiter", "length") and policy.rewrite(score):
                         # A draft-then-verify policy rejected the draft: the large model rewrites the step.
-                        small.backend.rewind(small.context_len)
+                        small.drop_draft()
                         discarded, draft_s = len(written.tokens), written.seconds
                         role = LARGE
                         if listener:
@@ -383,7 +460,7 @@ class Router:
                             # Keep the reasoning it wrote before the marker as its step.
                             written = replace(written, text=written.text.rstrip(), reason="handover")
                         elif not written.text.strip():
-                            small.backend.rewind(small.context_len)
+                            small.drop_draft()
                             discarded, draft_s = len(written.tokens), written.seconds
                             role = LARGE
                             if listener:
@@ -441,6 +518,21 @@ class Router:
             if end:
                 trace.stop_reason = end
                 return
+
+
+def _side(slot: ModelSlot, settings: RouteSettings, policy: Policy) -> "_Side | _TextSide":
+    """The side for a slot's backend: token-level (in process) or text-level (a server)."""
+    if slot.backend is None or getattr(slot.backend, "context", "tokens") != "text":
+        return _Side(slot, settings.delimiter)
+    k = settings.estimator.k
+    if k is None:
+        if slot.role == SMALL and policy.needs_probe:
+            raise ConfigError(
+                f"model {slot.backend.name!r} is served over HTTP and returns only top log-probabilities: "
+                "H_init cannot be exact; use estimator topk:K (e.g. --estimator topk:20)"
+            )
+        k = DEFAULT_TEXT_TOP_K  # only to draw the small model's first token when nothing is probed
+    return _TextSide(slot, settings.delimiter, k)
 
 
 def _draft_score(written: Written) -> DraftScore | None:

@@ -35,7 +35,7 @@ def describe(spec: ModelSpec) -> str:
     """One line saying where a model's weights come from."""
     src = spec.source
     if src is None:
-        return f"{spec.base_url} ({spec.model})" if spec.base_url else "no source"
+        return (f"{spec.base_url} ({spec.model or 'its only model'})") if spec.base_url else "no source"
     if src.path:
         return f"file {src.path}"
     if src.package:

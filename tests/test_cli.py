@@ -162,8 +162,10 @@ def test_help_does_not_import_llama_cpp():
 
 
 def test_hub_model_that_cannot_be_downloaded_is_one_line(tmp_path, monkeypatch):
-    pytest.importorskip("huggingface_hub")
+    hub = pytest.importorskip("huggingface_hub")
+    # The hub client reads HF_HUB_OFFLINE once, at import: set both so no request leaves the machine.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     config = write_config(tmp_path, "hf_repo: nobody/nothing-GGUF, hf_file: x.gguf")
     one_line_error(runner.invoke(app, ["ask", QUESTION, "--config", str(config)]),

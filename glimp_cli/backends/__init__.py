@@ -13,7 +13,12 @@ from glimp_cli.errors import ConfigError
 # A factory takes (spec, config_dir) and returns a Backend.
 BACKENDS: dict[str, str] = {
     "llama_cpp": "glimp_cli.backends:_llama_cpp",
+    # An OpenAI-compatible completions server (llama.cpp server, vLLM, SGLang): text-level, see TextBackend.
+    "openai": "glimp_cli.backends.openai_http:connect",
 }
+
+# Backends whose models live behind a server: safe to drive from several threads, one object each.
+REMOTE_BACKENDS = frozenset({"openai"})
 
 
 def load_backend(spec: ModelSpec, config_dir: Path | None = None) -> Backend:
@@ -32,4 +37,4 @@ def _llama_cpp(spec: ModelSpec, config_dir: Path | None) -> Backend:
     return LlamaCppBackend(spec, resolve(spec, config_dir))
 
 
-__all__ = ["BACKENDS", "Backend", "ContextFull", "StepStop", "Written", "load_backend"]
+__all__ = ["BACKENDS", "REMOTE_BACKENDS", "Backend", "ContextFull", "StepStop", "Written", "load_backend"]

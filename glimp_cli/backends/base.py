@@ -86,6 +86,41 @@ class Backend(Protocol):
         """Release the model."""
 
 
+class TextBackend(Protocol):
+    """A model behind a server that takes text prompts (`context = "text"`); token backends say "tokens".
+
+    The router keeps `text` equal to prompt + steps, each followed by `delimiter`, and sets `top_k`
+    from the pair's `topk:K` estimator. `next_logits` returns the K best log-probabilities of the next
+    token (best first), so the estimator renormalises them and `sample_token` draws a position among
+    them; `write(first_token=position)` continues `text` with that candidate's text. `write` never
+    changes `text`: the router settles the step into it. `probe_form` says how the probe saw the
+    delimiter (recorded in the trace).
+    """
+
+    context: str
+    name: str
+    n_ctx: int
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    evaluated: int
+    text: str
+    delimiter: str
+    top_k: int
+    probe_form: str | None
+
+    def next_logits(self) -> np.ndarray:
+        """Top-K log-probabilities of the next token after `text`."""
+
+    def write(self, first_token: int | None, stop: StepStop, sampling: Sampling,
+              rng: np.random.Generator, on_text: TextSink | None = None,
+              first_logits: np.ndarray | None = None) -> Written:
+        """Generate one step after `text`, starting with candidate `first_token` of the last probe."""
+
+    def close(self) -> None:
+        """Release the connection."""
+
+
 class StepScanner:
     """Finds where a step ends in decoded text, and streams only text that is surely the step's."""
 

@@ -1,0 +1,546 @@
+"""HTTP backend: a model behind an OpenAI-compatible completions server (llama.cpp server, vLLM, SGLang).
+
+Every HTTP call glimp makes lives in this module. It uses the standard library (`urllib.request`
+and `json`) rather than httpx: the calls are plain blocking POSTs and one server-sent-event stream
+per step, made from one thread per batch worker, so a client library would add a dependency (and
+its pinning) for no feature we use. Timeouts, retries and errors are handled here in ~100 lines.
+
+The server takes text, not tokens, so this backend is text-level (`context = "text"`): the router
+keeps `text` equal to prompt + steps + delimiters, `next_logits` probes the next token after it,
+and `write` continues it. What that costs compared with the in-process backend:
+
+- H_init is estimated from the server's top-K log-probabilities (renormalised, `estimator: topk:K`),
+  never computed over the full vocabulary. The top-logprob dict is keyed by token text, so tokens
+  with equal text collapse into one entry.
+- A text that ENDS in the delimiter is tokenized by the server in its merged end-of-text form
+  (SmolLM2: "\\n\\n" -> one token 1116), not the form the model writes in running text (198, 198),
+  and H_init after the two forms differs by ~0.6 nats on SmolLM2 (measured in the README). When the
+  server can tokenize for us (llama.cpp server's /extras/tokenize, vLLM's /tokenize), the probe
+  holds the delimiter's last tokens back: it sends the context without them and forces them as the
+  first generated tokens with `logit_bias`, then reads the top-K at the position after them, which
+  is exactly the running-form context. The server reports log-probabilities from the raw logits,
+  so the bias does not touch them. Otherwise the probe falls back to the text-end form, and
+  `probe_form` says so (the trace records it).
+- The server's prefix cache, not a KV rewind, avoids re-prefilling the context; how many tokens the
+  server really evaluated is not visible to glimp, so remote models report no evaluated counts.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Iterator
+
+import numpy as np
+
+from glimp_cli.backends.base import ContextFull, StepStop, StepScanner, TextSink, Written
+from glimp_cli.config import ModelSpec
+from glimp_cli.errors import BackendError, ConfigError
+from glimp_cli.sampling import Sampling
+
+BACKOFF_SECONDS = 0.5  # first retry delay; doubles per attempt
+BACKOFF_CAP = 8.0
+REACHABILITY_TIMEOUT = 2.0  # `glimp models`: one quick GET per remote model
+FORCE_BIAS = 100.0  # logit_bias that makes a held-back delimiter token the only choice
+# Sampling settings that llama.cpp's server (and vLLM) would otherwise apply by default
+# (llama.cpp: top_k 40, min_p 0.05, repeat_penalty 1.1): glimp samples with temperature and top-p only.
+NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
+# Probe forms, recorded in the trace.
+RUNNING_FORM = "server top-k, delimiter in running form"
+TEXT_END_FORM = "server top-k, delimiter in text-end form"
+
+
+class _Transient(Exception):
+    """A failure worth retrying: no connection, a timeout, a 5xx."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One entry of a probe's top-K: the token's text and its log-probability."""
+
+    text: str
+    logprob: float
+
+
+class Endpoint:
+    """Requests to one OpenAI-compatible server: auth, timeout, retries with backoff, one-line errors."""
+
+    def __init__(self, label: str, base_url: str, api_key: str | None = None, timeout: float = 60.0,
+                 max_retries: int = 2, backoff: float = BACKOFF_SECONDS):
+        self.label = label  # names the model in every error
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self.max_retries = max(0, max_retries)
+        self.backoff = backoff
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def fail(self, url: str, what: str) -> BackendError:
+        return BackendError(f"{self.label} at {url}: {what}")
+
+    def get_json(self, path: str, timeout: float | None = None, retries: int | None = None) -> dict:
+        return self._call("GET", path, None, timeout, retries)
+
+    def post_json(self, path: str, body: dict, retries: int | None = None) -> dict:
+        return self._call("POST", path, body, None, retries)
+
+    def post_stream(self, path: str, body: dict) -> Iterator[dict]:
+        """The server-sent events of a streamed completion, one JSON object each.
+
+        Retries only until the response starts; a stream that breaks later is one error.
+        Closing the generator closes the connection, which makes the server stop generating.
+        """
+        url = self.url(path)
+        response = self._retrying(url, lambda: self._open("POST", url, {**body, "stream": True}, self.timeout))
+        events = 0
+        try:
+            for raw in response:
+                line = raw.decode("utf-8", errors="replace").strip()
+                if not line.startswith("data:"):
+                    continue  # blank separators, ": ping" comments, event names
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                event = self._decode(url, data)
+                if "error" in event:
+                    raise self.fail(url, f"server error: {_error_message(event)}")
+                events += 1
+                yield event
+        except (TimeoutError, socket.timeout):
+            raise self.fail(url, f"no data for {self.timeout:g} s (timeout) in the middle of a stream") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise self.fail(url, f"the stream broke: {_reason(exc)}") from None
+        finally:
+            response.close()
+        if not events:
+            raise _EmptyStream()
+        raise self.fail(url, "the stream ended without [DONE]")
+
+    def _call(self, method: str, path: str, body: dict | None, timeout: float | None, retries: int | None) -> dict:
+        url = self.url(path)
+
+        def attempt() -> dict:
+            response = self._open(method, url, body, timeout or self.timeout)
+            try:
+                raw = response.read()
+            except (TimeoutError, socket.timeout):
+                raise _Transient(f"no answer within {timeout or self.timeout:g} s (timeout)") from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise _Transient(_reason(exc)) from None
+            finally:
+                response.close()
+            return self._decode(url, raw.decode("utf-8", errors="replace"))
+
+        return self._retrying(url, attempt, retries)
+
+    def _retrying(self, url: str, attempt, retries: int | None = None):
+        tries = 1 + (self.max_retries if retries is None else retries)
+        for i in range(tries):
+            try:
+                return attempt()
+            except _Transient as exc:
+                if i + 1 == tries:
+                    raise self.fail(url, f"{exc} ({tries} attempt{'s' if tries > 1 else ''})") from None
+                time.sleep(min(self.backoff * 2 ** i, BACKOFF_CAP))
+
+    def _open(self, method: str, url: str, body: dict | None, timeout: float):
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            return urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            detail = _http_detail(exc)
+            if exc.code >= 500:
+                raise _Transient(f"HTTP {exc.code}: {detail}") from None
+            if exc.code == 400 and "context" in detail.lower() and "length" in detail.lower():
+                raise ContextFull(f"{self.label}: {detail}") from None
+            raise self.fail(url, f"HTTP {exc.code}: {detail}") from None
+        except urllib.error.URLError as exc:
+            raise _Transient(_reason(exc.reason)) from None
+        except (TimeoutError, socket.timeout):
+            raise _Transient(f"no answer within {timeout:g} s (timeout)") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Transient(_reason(exc)) from None
+
+    def _decode(self, url: str, text: str) -> dict:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            snippet = " ".join(text.split())[:80]
+            raise self.fail(url, f"malformed JSON in the response: {snippet!r}") from None
+        if not isinstance(data, dict):
+            raise self.fail(url, f"expected a JSON object, got {type(data).__name__}")
+        return data
+
+
+class _EmptyStream(Exception):
+    """A stream that closed before its first event (llama.cpp's server does this for a too-long prompt)."""
+
+
+def _reason(exc: object) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the server running?)"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timeout"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host ({exc.strerror or exc})"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the server closed the connection without answering"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _http_detail(exc: urllib.error.HTTPError) -> str:
+    try:
+        raw = exc.read().decode("utf-8", errors="replace")
+    except OSError:
+        raw = ""
+    try:
+        message = _error_message(json.loads(raw))
+    except ValueError:
+        message = " ".join(raw.split())[:200]
+    return message or exc.reason or "no details"
+
+
+def _error_message(data: object) -> str:
+    """The human part of an OpenAI-style ({"error": {"message"}}) or FastAPI ({"detail"}) error body."""
+    if isinstance(data, dict):
+        err = data.get("error", data.get("detail", data.get("message")))
+        if isinstance(err, dict):
+            err = err.get("message", err)
+        if isinstance(err, list) and err and isinstance(err[0], dict):
+            err = err[0].get("msg", err[0])
+        if err is not None:
+            return " ".join(str(err).split())[:300]
+    return " ".join(str(data).split())[:300]
+
+
+def api_key(spec: ModelSpec) -> str | None:
+    """The key from the environment variable that `api_key_env` names (never from the file itself)."""
+    if not spec.api_key_env:
+        return None
+    key = os.environ.get(spec.api_key_env)
+    if not key:
+        raise ConfigError(f"model {spec.name!r}: api_key_env names ${spec.api_key_env}, which is not set")
+    return key
+
+
+def endpoint_for(spec: ModelSpec, key: str | None = None) -> Endpoint:
+    if not spec.base_url:
+        raise ConfigError(f"model {spec.name!r}: backend openai needs base_url (e.g. http://127.0.0.1:8080/v1)")
+    label = f"model {spec.name!r}" + (f" (served as {spec.model!r})" if spec.model else "")
+    return Endpoint(label, spec.base_url, key, spec.timeout, spec.max_retries)
+
+
+def served_models(endpoint: Endpoint, timeout: float | None = None, retries: int | None = None) -> list[str]:
+    """The model ids `GET {base_url}/models` lists."""
+    data = endpoint.get_json("/models", timeout, retries)
+    entries = data.get("data")
+    if not isinstance(entries, list):
+        raise endpoint.fail(endpoint.url("/models"), "the model list has no `data` array")
+    return [str(e.get("id")) for e in entries if isinstance(e, dict)]
+
+
+def reachability(spec: ModelSpec, timeout: float = REACHABILITY_TIMEOUT) -> tuple[bool, str]:
+    """`glimp models`: one quick GET of the model list, no retries; (reachable, what was found)."""
+    try:
+        endpoint = endpoint_for(spec, api_key(spec))
+        endpoint.timeout = timeout
+        models = served_models(endpoint, timeout, retries=0)
+    except (BackendError, ConfigError) as exc:
+        return False, str(exc)
+    if spec.model and spec.model not in models:
+        return False, f"{spec.base_url} does not serve {spec.model!r} (it serves {', '.join(models) or 'nothing'})"
+    return True, f"{spec.base_url} serves {spec.model or ', '.join(models)}"
+
+
+class OpenAIBackend:
+    """A model behind an OpenAI-compatible `/completions` endpoint; text in, text and top-K log-probabilities out."""
+
+    context = "text"
+
+    def __init__(self, spec: ModelSpec, endpoint: Endpoint | None = None):
+        if spec.prompt.style != "plain":
+            raise ConfigError(
+                f"model {spec.name!r}: backend openai needs a prompt with style: plain (glimp cannot read the "
+                "served model's chat template): write the template out, special tokens included"
+            )
+        self.spec = spec
+        self.name = spec.name
+        self.n_ctx = spec.n_ctx
+        self.chat_template = None
+        self.bos_token = ""
+        self.eos_token = ""
+        self.evaluated = 0  # tokens generated through this backend (what the server prefilled is not visible)
+        self.endpoint = endpoint or endpoint_for(spec, api_key(spec))
+        self.path = self.endpoint.base_url  # what `--verbose` prints as the model's location
+        self.model = spec.model or self._only_served_model()
+        self.text = ""  # the context the next probe or write continues (set by the router)
+        self.delimiter = "\n\n"
+        self.top_k = 20
+        self.probe_form: str | None = None
+        self._candidates: list[Candidate] = []
+        self._held_back: tuple[tuple[int, str], ...] | None = None  # delimiter tokens after the first
+        self._split_known = False
+
+    def _only_served_model(self) -> str:
+        models = served_models(self.endpoint)
+        if len(models) != 1:
+            raise ConfigError(f"model {self.name!r}: {self.endpoint.base_url} serves {len(models)} models "
+                              f"({', '.join(models) or 'none'}): set `model:` to one of them")
+        return models[0]
+
+    def check_served(self) -> None:
+        """Refuse a model name the server does not list (llama.cpp's server would silently use its own)."""
+        models = served_models(self.endpoint)
+        if self.model not in models:
+            raise self.endpoint.fail(self.endpoint.url("/models"),
+                                     f"the server does not serve {self.model!r} (it serves {', '.join(models) or 'nothing'})")
+
+    # -- probe ---------------------------------------------------------------------------------
+
+    def next_logits(self) -> np.ndarray:
+        """Top-K log-probabilities of the next token after `text`, best first (K = `top_k`)."""
+        held = self._delimiter_tail()
+        top = None
+        if held and self.text.endswith(self.delimiter):
+            tail = "".join(text for _, text in held)
+            top = self._probe(self.text[: len(self.text) - len(tail)], held)
+            if top is None:  # the server did not force the tokens: the text-end form from now on
+                self._held_back = None
+                self.probe_form = TEXT_END_FORM
+        if top is None:
+            top = self._probe(self.text, ())
+        ranked = sorted(top.items(), key=lambda kv: -kv[1])[: self.top_k]
+        self._candidates = [Candidate(text, float(lp)) for text, lp in ranked]
+        if not self._candidates:
+            raise self.endpoint.fail(self.endpoint.url("/completions"), "the probe returned no log-probabilities")
+        return np.array([c.logprob for c in self._candidates], dtype=np.float64)
+
+    def _probe(self, prompt: str, forced: tuple[tuple[int, str], ...]) -> dict[str, float] | None:
+        """The top log-probabilities after `prompt` + the `forced` tokens; None if the server did not force them."""
+        body = self._body(prompt, max_tokens=len(forced) + 1, temperature=0.0)
+        body["logprobs"] = self.top_k
+        if forced:
+            body["logit_bias"] = {str(token): FORCE_BIAS for token, _ in forced}
+        positions = []
+        for event in self._stream(body):
+            logprobs = _choice(event).get("logprobs")
+            if logprobs and logprobs.get("top_logprobs"):
+                positions.extend(zip(logprobs.get("tokens") or [], logprobs["top_logprobs"]))
+        if len(positions) < len(forced) + 1:
+            if not positions:
+                raise self.endpoint.fail(
+                    self.endpoint.url("/completions"),
+                    "the server returned no log-probabilities (llama.cpp server: start it with --logits_all true; "
+                    f"vLLM: --max-logprobs >= {self.top_k})")
+            return None
+        if any(text != want for (text, _), (_, want) in zip(positions, forced)):
+            return None  # the server ignored logit_bias: fall back to the text-end form
+        top = positions[len(forced)][1]
+        return {str(k): float(v) for k, v in top.items() if v is not None and math.isfinite(float(v))}
+
+    def _delimiter_tail(self) -> tuple[tuple[int, str], ...] | None:
+        """The running-form delimiter's tokens after its first one, from the server's tokenizer (asked once)."""
+        if not self._split_known:
+            self._split_known = True
+            pieces = self._tokenize_delimiter()
+            self._held_back = tuple(pieces[1:]) if pieces and len(pieces) > 1 else None
+            # One token either way needs nothing held back; no tokenizer leaves the text-end form.
+            self.probe_form = RUNNING_FORM if pieces else TEXT_END_FORM
+        return self._held_back
+
+    def _tokenize_delimiter(self) -> list[tuple[int, str]] | None:
+        """(id, text) of the tokens the delimiter is in running text, or None if the server cannot say.
+
+        Tries llama.cpp server's /extras/tokenize, then vLLM/SGLang's /tokenize, next to the /v1 root.
+        """
+        base = self.endpoint.base_url
+        if not base.endswith("/v1"):
+            return None
+        root = Endpoint(self.endpoint.label, base[:-3], self.endpoint.api_key, self.endpoint.timeout, 0)
+        sentinel = "A"
+        for tokenize, detokenize in (
+            (lambda text: root.post_json("/extras/tokenize", {"input": text, "model": self.model})["tokens"],
+             lambda ids: root.post_json("/extras/detokenize", {"tokens": ids, "model": self.model})["text"]),
+            (lambda text: root.post_json("/tokenize", {"model": self.model, "prompt": text,
+                                                       "add_special_tokens": False})["tokens"],
+             lambda ids: root.post_json("/detokenize", {"model": self.model, "tokens": ids})["prompt"]),
+        ):
+            try:
+                ids = [int(t) for t in tokenize(self.delimiter + sentinel)]
+                pieces, text = [], ""
+                for token in ids:
+                    piece = detokenize([token])
+                    if not text and not piece:
+                        continue  # a BOS token the endpoint added
+                    text += piece
+                    pieces.append((token, piece))
+                    if text == self.delimiter:
+                        return pieces
+                    if not self.delimiter.startswith(text):
+                        break
+            except (BackendError, KeyError, TypeError, ValueError):
+                continue
+        return None
+
+    # -- write ---------------------------------------------------------------------------------
+
+    def write(self, first_token: int | None, stop: StepStop, sampling: Sampling,
+              rng: np.random.Generator, on_text: TextSink | None = None,
+              first_logits: np.ndarray | None = None) -> Written:
+        """Continue `text` by one step; `first_token` is a position among the last probe's candidates.
+
+        The step's end is found by the same scanner as in process (the server gets no stop strings),
+        and the stream is closed there, which stops the server. With `first_logits` the write is scored
+        from the server's top-K of every token (an estimate, like H_init).
+        """
+        start = perf_counter()
+        scanner = StepScanner(stop, on_text)
+        scored = first_logits is not None
+        entropies: list[float] = []
+        logprobs: list[float] = []
+        prefix = ""
+        n = 0
+        if first_token is not None and self._candidates[first_token].text:
+            prefix = self._candidates[first_token].text
+            n = 1
+            if scored:
+                entropy, logprob = _topk_score(first_logits, first_token)
+                entropies.append(entropy)
+                logprobs.append(logprob)
+            ended = scanner.feed(prefix.encode("utf-8"))
+            if ended:
+                return self._written(scanner, n, ended, start, entropies, logprobs)
+        budget = stop.max_new_tokens - n
+        if budget <= 0:
+            scanner.close()
+            return self._written(scanner, n, "length", start, entropies, logprobs)
+        seed = int(rng.integers(0, 2**31 - 1))
+        body = self._body(self.text + prefix, max_tokens=budget, temperature=sampling.temperature,
+                          top_p=sampling.top_p, seed=seed)
+        if scored:
+            body["logprobs"] = self.top_k
+        reason, finish, generated = None, None, 0
+        stream = self._stream(body)
+        try:
+            for event in stream:
+                choice = _choice(event)
+                finish = choice.get("finish_reason") or finish
+                piece = choice.get("text") or ""
+                lp = choice.get("logprobs") if scored else None
+                if lp and lp.get("top_logprobs"):
+                    for token_text, token_lp, top in zip(lp.get("tokens") or [], lp.get("token_logprobs") or [],
+                                                         lp["top_logprobs"]):
+                        entropies.append(_topk_entropy(top, self.top_k))
+                        logprobs.append(float(token_lp) if token_lp is not None else float("nan"))
+                        generated += 1
+                elif choice.get("finish_reason") is None:
+                    generated += 1  # one event per token (a multi-byte character may take a few)
+                if piece:
+                    ended = scanner.feed(piece.encode("utf-8"))
+                    if ended:
+                        reason = ended
+                        break
+        finally:
+            stream.close()  # closing the connection stops the server's generation
+        n += generated
+        self.evaluated += generated
+        if reason is None:
+            scanner.close()
+            if finish == "length" and generated < budget:
+                reason = "context_full"  # the server shortened max_tokens to what fits its context
+            else:
+                reason = "length" if finish == "length" else "eos"  # no stop strings were sent: "stop" is EOS
+        return self._written(scanner, n, reason, start, entropies, logprobs)
+
+    @staticmethod
+    def _written(scanner: StepScanner, n: int, reason: str, start: float,
+                 entropies: list[float], logprobs: list[float]) -> Written:
+        # Token ids are not visible over HTTP: the tuple's length is the step's token count.
+        return Written(scanner.text, (-1,) * n, reason, perf_counter() - start, tuple(entropies), tuple(logprobs))
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _body(self, prompt: str, max_tokens: int, temperature: float, top_p: float = 1.0,
+              seed: int | None = None) -> dict:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": temperature, "top_p": top_p, **NEUTRAL_SAMPLING}
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
+    def _stream(self, body: dict) -> Iterator[dict]:
+        """A completion stream; a too-long prompt becomes ContextFull however the server reports it."""
+        events = self.endpoint.post_stream("/completions", body)
+        try:
+            first = next(events)
+        except StopIteration:
+            return iter(())
+        except _EmptyStream:
+            # llama.cpp's server closes a stream without a word when the prompt does not fit; ask
+            # once without streaming (one token) to get its error, which _open turns into ContextFull.
+            self.endpoint.post_json("/completions", {**body, "max_tokens": 1, "logprobs": None, "stream": False})
+            raise self.endpoint.fail(self.endpoint.url("/completions"), "the stream closed before its first event")
+
+        def chain() -> Iterator[dict]:
+            try:
+                yield first
+                yield from events
+            except _EmptyStream:
+                return
+            finally:
+                events.close()
+
+        return chain()
+
+    def close(self) -> None:
+        self._candidates = []
+
+
+def _choice(event: dict) -> dict:
+    choices = event.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        return choices[0]
+    return {}
+
+
+def _topk_entropy(top: dict | None, k: int) -> float:
+    values = np.array(sorted((float(v) for v in (top or {}).values() if v is not None), reverse=True)[:k])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0
+    z = values - values.max()
+    p = np.exp(z)
+    return float(math.log(p.sum()) - (p * z).sum() / p.sum())
+
+
+def _topk_score(logprobs: np.ndarray, position: int) -> tuple[float, float]:
+    """Renormalised top-K entropy and the chosen entry's log-probability (nats)."""
+    z = np.asarray(logprobs, dtype=np.float64)
+    return _topk_entropy({i: v for i, v in enumerate(z)}, z.size), float(z[position])
+
+
+def connect(spec: ModelSpec, config_dir=None) -> OpenAIBackend:
+    """The `openai` entry of the backend registry: a backend whose server lists the model (one GET)."""
+    backend = OpenAIBackend(spec)
+    if spec.model:
+        backend.check_served()
+    return backend
