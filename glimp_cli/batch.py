@@ -46,6 +46,8 @@ def pair_settings(pair: PairSpec) -> dict:
         "max_tokens": pair.max_tokens,
         "max_step_tokens": pair.max_step_tokens,
         "delimiter": pair.delimiter,
+        "step_entropy_threshold": pair.step_entropy_threshold,
+        "step_perplexity_threshold": pair.step_perplexity_threshold,
     }
 
 

@@ -35,6 +35,8 @@ class Mode(str, Enum):
     small = "small"
     large = "large"
     random = "random"
+    step_entropy = "step_entropy"
+    step_perplexity = "step_perplexity"
 
 
 @contextlib.contextmanager
@@ -51,18 +53,18 @@ def user_errors():
 
 # Options shared by the commands that run a pair; each can also come from the environment.
 ConfigOpt = typer.Option(None, "--config", envvar="GLIMP_CONFIG", help="models.yaml layered over the packaged one.")
-PairOpt = typer.Option(None, "--pair", envvar="GLIMP_PAIR", help="Pair from models.yaml [default: its default_pair].")
+PairOpt = typer.Option(None, "--pair", envvar="GLIMP_PAIR", help="Pair from models.yaml (default: its default_pair).")
 SmallOpt = typer.Option(None, "--small", envvar="GLIMP_SMALL", help="Small model (overrides the pair's).")
 LargeOpt = typer.Option(None, "--large", envvar="GLIMP_LARGE", help="Large model (overrides the pair's).")
 TauOpt = typer.Option(None, "--tau", envvar="GLIMP_TAU", help="H_init threshold in nats: the small model keeps steps with H_init <= tau.")
-ModeOpt = typer.Option(None, "--mode", envvar="GLIMP_MODE", help="glimp routes by H_init; small/large run one model alone; random routes at --large-share.")
+ModeOpt = typer.Option(None, "--mode", envvar="GLIMP_MODE", help="glimp routes by H_init; small/large run one model alone; random routes at --large-share; step_entropy/step_perplexity draft with the small model and let the large one rewrite uncertain drafts.")
 ShareOpt = typer.Option(None, "--large-share", envvar="GLIMP_LARGE_SHARE", help="Share of steps for the large model in random mode.")
 TempOpt = typer.Option(None, "--temperature", envvar="GLIMP_TEMPERATURE", help="Sampling temperature (0 = greedy).")
 TopPOpt = typer.Option(None, "--top-p", envvar="GLIMP_TOP_P", help="Nucleus sampling mass.")
 SeedOpt = typer.Option(None, "--seed", envvar="GLIMP_SEED", help="Seed for sampling and the random policy.")
 MaxTokOpt = typer.Option(None, "--max-tokens", envvar="GLIMP_MAX_TOKENS", help="Token budget of the whole trace.")
 MaxStepOpt = typer.Option(None, "--max-step-tokens", envvar="GLIMP_MAX_STEP_TOKENS", help="Token limit of one step.")
-DelimOpt = typer.Option(None, "--delimiter", envvar="GLIMP_DELIMITER", help="Step delimiter; escapes such as \\n are read [default: a blank line].")
+DelimOpt = typer.Option(None, "--delimiter", envvar="GLIMP_DELIMITER", help="Step delimiter; escapes such as \\n are read (default: a blank line).")
 EstOpt = typer.Option(None, "--estimator", envvar="GLIMP_ESTIMATOR", help="H_init estimator: exact (full vocabulary) or topk:K.")
 ProbeOpt = typer.Option(False, "--probe-baseline", help="In large mode, also probe the small model to record H_init (timings are then not a baseline).")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Say which source each setting came from, and where the models are.")

@@ -158,6 +158,9 @@ def _last_answer_phrase(text: str) -> str | None:
     line = rest.split("\n", 1)[0]
     # A period followed by whitespace ends the sentence; one inside 1.5 does not.
     sentence = re.split(r"\.\s", line, maxsplit=1)[0]
+    # "The answer is 60 / 3 = 18": the result is what follows the last equals sign.
+    if "=" in sentence and not re.match(r"^\s*[A-Za-z]\w*\s*=", sentence):
+        sentence = sentence.rsplit("=", 1)[1]
     return _clean(sentence) or None
 
 

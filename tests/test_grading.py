@@ -195,3 +195,9 @@ def test_fallback_numeric_grading_needs_no_math_verify(monkeypatch: pytest.Monke
         assert grade("$18.00", "18") is True
         assert grade("180", "18") is False
     assert caught == []
+
+
+def test_answer_phrase_with_a_worked_equation_takes_the_result():
+    assert extract_answer("The answer is 60 / 3 = 18.") == "18"
+    assert grade(extract_answer("The answer is 24 / 2 = 12."), "12") is True
+    assert grade(extract_answer("The answer is 60 / 3 = 18."), "20") is False
