@@ -237,7 +237,8 @@ class _TextSide:
     def start(self, question: str) -> int:
         """Set the context to the prompt; the server prefills it inside the next request (returns 0)."""
         b = self.backend
-        self._set(render_prompt(self.slot.prompt, question, b.chat_template, b.bos_token, b.eos_token, b.name))
+        b.prompt = render_prompt(self.slot.prompt, question, b.chat_template, b.bos_token, b.eos_token, b.name)
+        self._set(b.prompt)
         self.started = True
         self.steps_seen = 0
         return 0

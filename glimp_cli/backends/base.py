@@ -89,7 +89,8 @@ class Backend(Protocol):
 class TextBackend(Protocol):
     """A model behind a server that takes text prompts (`context = "text"`); token backends say "tokens".
 
-    The router keeps `text` equal to prompt + steps, each followed by `delimiter`, and sets `top_k`
+    The router sets `prompt` per question and keeps `text` equal to prompt + steps, each followed by
+    `delimiter` (a server refusing the bare prompt raises ContextLimitError), and sets `top_k`
     from the pair's `topk:K` estimator. `next_logits` returns the K best log-probabilities of the next
     token (best first), so the estimator renormalises them and `sample_token` draws a position among
     them; `write(first_token=position)` continues `text` with that candidate's text. `write` never
@@ -104,6 +105,7 @@ class TextBackend(Protocol):
     bos_token: str
     eos_token: str
     evaluated: int
+    prompt: str
     text: str
     delimiter: str
     top_k: int

@@ -27,6 +27,7 @@ and `write` continues it. What that costs compared with the in-process backend:
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
@@ -43,7 +44,7 @@ import numpy as np
 
 from glimp_cli.backends.base import ContextFull, StepStop, StepScanner, TextSink, Written
 from glimp_cli.config import ModelSpec
-from glimp_cli.errors import BackendError, ConfigError
+from glimp_cli.errors import BackendError, ConfigError, ContextLimitError
 from glimp_cli.sampling import Sampling
 
 BACKOFF_SECONDS = 0.5  # first retry delay; doubles per attempt
@@ -53,6 +54,10 @@ FORCE_BIAS = 100.0  # logit_bias that makes a held-back delimiter token the only
 # Sampling settings that llama.cpp's server (and vLLM) would otherwise apply by default
 # (llama.cpp: top_k 40, min_p 0.05, repeat_penalty 1.1): glimp samples with temperature and top-p only.
 NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
+# llama.cpp's server ends a running stream with [DONE] and no finish reason when another request
+# arrives (its default --interrupt_requests true): a step cut short without a word. Said once, here.
+INTERRUPTED = ("the server ended the stream without a finish reason (llama.cpp server: another request "
+               "interrupted it; start the server with --interrupt_requests false)")
 # Probe forms, recorded in the trace.
 RUNNING_FORM = "server top-k, delimiter in running form"
 TEXT_END_FORM = "server top-k, delimiter in text-end form"
@@ -293,6 +298,7 @@ class OpenAIBackend:
         self.path = self.endpoint.base_url  # what `--verbose` prints as the model's location
         self.model = spec.model or self._only_served_model()
         self.text = ""  # the context the next probe or write continues (set by the router)
+        self.prompt = ""  # the question's prompt, where `text` starts (set by the router)
         self.delimiter = "\n\n"
         self.top_k = 20
         self.probe_form: str | None = None
@@ -318,6 +324,21 @@ class OpenAIBackend:
 
     def next_logits(self) -> np.ndarray:
         """Top-K log-probabilities of the next token after `text`, best first (K = `top_k`)."""
+        with self._prompt_fits():
+            return self._next_logits()
+
+    @contextlib.contextmanager
+    def _prompt_fits(self):
+        """A server refusing the bare prompt as too long is the question's problem, as in process."""
+        try:
+            yield
+        except ContextFull as exc:
+            if self.prompt and self.text == self.prompt:
+                raise ContextLimitError(f"the prompt does not fit model {self.name!r} at {self.endpoint.base_url}: "
+                                        f"{exc}") from None
+            raise
+
+    def _next_logits(self) -> np.ndarray:
         held = self._delimiter_tail()
         top = None
         if held and self.text.endswith(self.delimiter):
@@ -341,10 +362,14 @@ class OpenAIBackend:
         if forced:
             body["logit_bias"] = {str(token): FORCE_BIAS for token, _ in forced}
         positions = []
+        finish = None
         for event in self._stream(body):
             logprobs = _choice(event).get("logprobs")
+            finish = _choice(event).get("finish_reason") or finish
             if logprobs and logprobs.get("top_logprobs"):
                 positions.extend(zip(logprobs.get("tokens") or [], logprobs["top_logprobs"]))
+        if finish is None:
+            raise self.endpoint.fail(self.endpoint.url("/completions"), INTERRUPTED)
         if len(positions) < len(forced) + 1:
             if not positions:
                 raise self.endpoint.fail(
@@ -412,6 +437,11 @@ class OpenAIBackend:
         and the stream is closed there, which stops the server. With `first_logits` the write is scored
         from the server's top-K of every token (an estimate, like H_init).
         """
+        with self._prompt_fits():
+            return self._write(first_token, stop, sampling, rng, on_text, first_logits)
+
+    def _write(self, first_token: int | None, stop: StepStop, sampling: Sampling, rng: np.random.Generator,
+               on_text: TextSink | None, first_logits: np.ndarray | None) -> Written:
         start = perf_counter()
         scanner = StepScanner(stop, on_text)
         scored = first_logits is not None
@@ -463,6 +493,8 @@ class OpenAIBackend:
             stream.close()  # closing the connection stops the server's generation
         n += generated
         self.evaluated += generated
+        if reason is None and finish is None:
+            raise self.endpoint.fail(self.endpoint.url("/completions"), INTERRUPTED)
         if reason is None:
             scanner.close()
             if finish == "length" and generated < budget:
