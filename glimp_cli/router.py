@@ -418,6 +418,14 @@ class Router:
             n += side.sync(texts)
             return perf_counter() - t0, n
 
+        def drop_draft(index: int, written: Written, h_init: float | None) -> tuple[Role, int, float]:
+            """Throw the small model's draft away; the large model writes this step instead."""
+            small.drop_draft()
+            if listener:
+                listener.draft_discarded(index, len(written.tokens))
+                listener.step_started(index, LARGE, h_init)
+            return LARGE, len(written.tokens), written.seconds
+
         while True:
             index = len(trace.steps)
             prefill_s, prefill_n, probe_s = 0.0, 0, 0.0
@@ -448,12 +456,7 @@ class Router:
                     score = _draft_score(written) if policy.rewrite else None
                     if score is not None and written.reason in ("delimiter", "length") and policy.rewrite(score):
                         # A draft-then-verify policy rejected the draft: the large model rewrites the step.
-                        small.drop_draft()
-                        discarded, draft_s = len(written.tokens), written.seconds
-                        role = LARGE
-                        if listener:
-                            listener.draft_discarded(index, discarded)
-                            listener.step_started(index, role, h_init)
+                        role, discarded, draft_s = drop_draft(index, written, h_init)
                     if role == SMALL and large_answers and written.reason in ("marker", "stop_string", "eos"):
                         # The small model reached the answer (or the end): the large model writes it.
                         answer_phase = True
@@ -461,12 +464,7 @@ class Router:
                             # Keep the reasoning it wrote before the marker as its step.
                             written = replace(written, text=written.text.rstrip(), reason="handover")
                         elif not written.text.strip():
-                            small.drop_draft()
-                            discarded, draft_s = len(written.tokens), written.seconds
-                            role = LARGE
-                            if listener:
-                                listener.draft_discarded(index, discarded)
-                                listener.step_started(index, role, h_init)
+                            role, discarded, draft_s = drop_draft(index, written, h_init)
                 if role == LARGE:
                     t, n = ensure(large)
                     prefill_s, prefill_n = prefill_s + t, prefill_n + n
