@@ -337,9 +337,9 @@ def recording_run(runs_dir: Path) -> Run:
     return Run("small alone", "small", None, 0.0, Path(runs_dir) / "small.jsonl")
 
 
-def plan_sweep(values: Sequence[float], shares: Sequence[float], runs_dir: Path, adaptive: bool = True,
+def plan_sweep(values: Sequence[float], shares: Sequence[float], runs_dir: Path, adaptive: bool = False,
                warmup: int = ADAPTIVE_WARMUP) -> list[Run]:
-    """small alone, glimp at the tau of each share, adaptive at each share, large alone."""
+    """small alone, glimp at the tau of each share, (with `adaptive`) adaptive at each share, large alone."""
     runs_dir = Path(runs_dir)
     for share in shares:
         if not 0.0 <= share <= 1.0:
@@ -471,7 +471,7 @@ class Calibration:
 
 
 def run_calibration(questions: list[Question], pair: PairSpec, make_router: Callable[[Policy], Router],
-                    runs_dir: Path, shares: Sequence[float] | None = None, adaptive: bool = True,
+                    runs_dir: Path, shares: Sequence[float] | None = None, adaptive: bool = False,
                     warmup: int = ADAPTIVE_WARMUP, progress: Callable[[Run, int], Any] | None = None,
                     on_done: Callable[[Run, BatchOutcome], None] | None = None) -> Calibration:
     """Record H_init with a small-alone run, then (with `shares`) sweep the taus of those shares.
@@ -506,6 +506,9 @@ class FrontierRow:
     run: Run
     stats: ModeRow
     pareto: bool = False
+    # Of the steps that were probed, the share the large model wrote: what a tau's "picked for" share
+    # predicts (the report's large share also counts the unprobed answer step).
+    routed_large: float | None = None
 
 
 def frontier(runs: list[Run], questions: list[Question]) -> list[FrontierRow]:
@@ -519,7 +522,9 @@ def frontier(runs: list[Run], questions: list[Question]) -> list[FrontierRow]:
         if not recs:
             continue
         summary = summarize(recs + ([] if run.mode == LARGE else large))
-        rows.append(FrontierRow(run, next(s for s in summary if s.mode == run.mode)))
+        probed = [s["model"] for r in recs for s in r["steps"] if s.get("h_init") is not None]
+        routed = probed.count(LARGE) / len(probed) if probed else None
+        rows.append(FrontierRow(run, next(s for s in summary if s.mode == run.mode), routed_large=routed))
     return [replace(row, pareto=not any(_dominates(other.stats, row.stats) for other in rows)) for row in rows]
 
 
@@ -578,7 +583,7 @@ def pick_tau(rows: list[FrontierRow], objective: str, max_drop: float = 1.0,
     note = None
     if adaptive and (not fixed or key(adaptive[0]) < key(fixed[0])):
         note = (f"{adaptive[0].run.label} meets it better ({_row_brief(adaptive[0])}), but it is a policy, "
-                "not a tau: run it with glimp batch --mode adaptive")
+                "not a tau, so it cannot be written to models.yaml")
     if not fixed:
         return Pick(None, f"no tau of the sweep keeps {goal}", note)
     return Pick(fixed[0], f"the {'fastest' if objective == OBJECTIVES[0] else 'most accurate'} tau with {goal}: "
@@ -594,18 +599,23 @@ def _row_brief(row: FrontierRow) -> str:
 
 def render_frontier(rows: list[FrontierRow], chosen: FrontierRow | None = None) -> Table:
     """The sweep as a table: one row per run."""
-    table = Table(title="calibration sweep: accuracy / latency frontier", title_justify="left", show_edge=False)
-    for name in ("run", "tau", "picked for", "n", "accuracy (95% CI)", "mean s", "vs large", "large share", ""):
+    table = Table(title="calibration sweep: accuracy / latency frontier", title_justify="left", show_edge=False,
+                  caption="picked for: share of the recorded steps above tau · routed large: share of the run's probed "
+                          "steps that the large model wrote · large share: of all steps, the answer included",
+                  caption_justify="left")
+    for name in ("run", "tau", "picked for", "routed large", "n", "accuracy (95% CI)", "mean s", "vs large",
+                 "large share", ""):
         table.add_column(name, justify="left" if name in ("run", "") else "right")
     for row in rows:
         s = row.stats
         accuracy = "-" if s.accuracy is None else f"{s.accuracy:.1%} ({s.ci_low:.1%}–{s.ci_high:.1%})"
         ratio = "-" if s.latency_vs_large is None else f"{s.latency_vs_large:.2f}×"
         share = "-" if s.large_share_steps is None else f"{s.large_share_steps:.1%}"
+        routed = "-" if row.routed_large is None else f"{row.routed_large:.1%}"
         picked = "-" if row.run.share is None or row.run.mode in (SMALL, LARGE) else f"{row.run.share:.0%}"
         flags = ("frontier" if row.pareto else "") + ("  ← chosen" if row is chosen else "")
         table.add_row(Text(row.run.label, style=_row_style(row.run.mode)),
-                      "-" if row.run.tau is None else _tau_text(row.run.tau), picked, str(s.n), accuracy,
+                      "-" if row.run.tau is None else _tau_text(row.run.tau), picked, routed, str(s.n), accuracy,
                       f"{s.mean_latency:.2f}", ratio, share, flags)
     return table
 
@@ -652,14 +662,16 @@ def _plot_histogram(ax, dist: Distribution, at: TauShare) -> None:
            color="#c2185b", edgecolor="white", label=f"large takes: {at.share:.1%} ({at.above} steps)")
     if math.isfinite(at.tau):
         ax.axvline(at.tau, color="black", linestyle="--", linewidth=1.5)
-        ax.annotate(f"tau = {at.tau:.4g}", xy=(at.tau, 1), xycoords=("data", "axes fraction"),
-                    xytext=(4, -14), textcoords="offset points", fontsize=10, fontweight="bold")
+        ax.text(at.tau, 0.97, f" tau = {at.tau:.4g} ", transform=ax.get_xaxis_transform(), rotation=90,
+                ha="right", va="top", fontsize=10, fontweight="bold",
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
     if at.tau_ci is not None and all(math.isfinite(t) for t in at.tau_ci):
         ax.axvspan(*at.tau_ci, color="grey", alpha=0.15, label="95% interval of tau")
     ax.set_xlabel("H_init (nats): entropy of the small model's first token of a step")
     ax.set_ylabel("steps")
     ax.set_title(f"H_init of {dist.n} steps, {dist.n_traces} traces ({dist.mode} mode)")
-    ax.legend(loc="upper right", fontsize=9)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=3, fontsize=8, frameon=False)
 
 
 def _plot_frontier(ax, rows: list[FrontierRow], chosen: FrontierRow | None) -> None:
@@ -680,10 +692,14 @@ def _plot_frontier(ax, rows: list[FrontierRow], chosen: FrontierRow | None) -> N
                [100 * (r.stats.ci_high - r.stats.accuracy) for r in mine]]
         ax.errorbar(x, y, yerr=err, fmt=marker + ("-" if len(mine) > 1 else ""), color=colour, capsize=3,
                     label=label, alpha=0.9)
-        for r, xi, yi in zip(mine, x, y):
-            if r.run.mode in ("glimp", "adaptive"):
-                text = f"tau {r.run.tau:.3g}" if r.run.mode == "glimp" else f"{r.run.share:.0%}"
-                ax.annotate(text, (xi, yi), xytext=(5, 5), textcoords="offset points", fontsize=8)
+        for i, (r, xi, yi) in enumerate(zip(mine, x, y)):
+            stagger = 11 * (i % 2)  # neighbours' labels on alternate lines
+            if r.run.mode == "glimp":
+                ax.annotate(f"tau {r.run.tau:.3g}", (xi, yi), xytext=(4, 5 + stagger), textcoords="offset points",
+                            fontsize=8, color=colour)
+            elif r.run.mode == "adaptive":
+                ax.annotate(f"share {r.run.share:.0%}", (xi, yi), xytext=(4, -12 - stagger),
+                            textcoords="offset points", fontsize=8, color=colour)
     if chosen is not None and chosen in graded:
         ax.scatter([chosen.stats.latency_vs_large], [100 * chosen.stats.accuracy], s=260, facecolors="none",
                    edgecolors="black", linewidths=1.5, label="chosen", zorder=5)
@@ -692,7 +708,7 @@ def _plot_frontier(ax, rows: list[FrontierRow], chosen: FrontierRow | None) -> N
     ax.set_ylabel("accuracy (%) with 95% interval")
     ax.set_ylim(bottom=min(-2.0, ax.get_ylim()[0]))
     ax.set_title(f"accuracy vs latency on {max(r.stats.n for r in graded)} questions")
-    ax.legend(loc="best", fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=5, fontsize=8, frameon=False)
 
 
 # --- storing tau in models.yaml ---------------------------------------------------------------

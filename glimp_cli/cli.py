@@ -419,7 +419,7 @@ def calibrate(
     large_share: Optional[float] = typer.Option(None, "--large-share", help="Pick tau so that this share of the recorded steps goes to the large model."),
     sweep: bool = typer.Option(False, "--sweep", help="Run batch at the taus of --shares, the adaptive policy, small and large alone; print the frontier."),
     shares: str = typer.Option("0.25,0.5,0.75", "--shares", help="Large shares whose taus (quantiles of the record) the sweep runs."),
-    adaptive: bool = typer.Option(True, "--adaptive/--no-adaptive", help="Also sweep the adaptive per-question policy at each share."),
+    adaptive: bool = typer.Option(False, "--adaptive/--no-adaptive", help="Also sweep the adaptive per-question policy at each share (experimental: see the README)."),
     warmup: int = typer.Option(2, "--warmup", help="Adaptive policy: steps routed at the fixed tau before a trace's own quantile takes over."),
     objective: Optional[str] = typer.Option(
         None, "--objective", help="Pick tau from the sweep: fastest-within-drop (of large alone, --max-drop) "
@@ -476,6 +476,8 @@ def calibrate(
                       max_tokens=max_tokens, max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator)
         registry, pair_spec = _resolve(ctx, config, pair, values, verbose)
         out = Console(highlight=False)
+        if not out.is_terminal and "COLUMNS" not in os.environ:
+            out.width = max(out.width, 160)  # a log or pipe: room for the frontier's columns
 
         if traces:
             texts = cal.trace_questions(traces)

@@ -108,14 +108,17 @@ ADAPTIVE_WARMUP = 2  # steps routed at the fixed tau before a trace has a quanti
 
 
 def adaptive(target_share: float, tau0: float, warmup: int = ADAPTIVE_WARMUP) -> Policy:
-    """A per-question threshold: the large model takes the hardest `target_share` of each trace's steps.
+    """A per-question threshold that holds each trace's large share near `target_share`.
 
     The first `warmup` probed steps of a trace are routed at the fixed `tau0` (the calibrated tau for
-    the same share); after that a step goes to the large model when its H_init lies above
-    `share_threshold` of every H_init this trace has seen, itself included. A fixed tau holds the
-    share on average over questions (easy ones get no large step, hard ones many); this holds it
-    within each question, and follows a question whose entropies sit higher or lower as a whole.
-    Each trace gets a fresh copy (`for_trace`), so no state leaks from one question to the next.
+    the same share). After that, with t probed steps so far (this one included) of which L went to
+    the large model, the trace owes d = target_share * t - L large steps: a step goes to the large
+    model when its H_init lies above `share_threshold(seen, clip(d, 0, 1))` of the H_init values
+    this trace has seen, itself included. So a step is taken by the large model when the trace is
+    behind its share and the step is among its harder ones (at d >= 1 whatever it is), and never
+    when the trace is at or ahead of its share. A fixed tau holds the share only on average over
+    questions (easy ones get no large step, hard ones many); this holds it within each question,
+    whatever the scale of that question's entropies. Each trace gets a fresh copy (`for_trace`).
     """
     if not 0.0 <= target_share <= 1.0:
         raise ConfigError(f"adaptive large share {target_share} is not between 0 and 1")
@@ -125,13 +128,21 @@ def adaptive(target_share: float, tau0: float, warmup: int = ADAPTIVE_WARMUP) ->
 
     def fresh() -> Policy:
         seen: list[float] = []
+        large = 0
 
         def choose(h: float | None, rng: np.random.Generator) -> Role:
+            nonlocal large
             if h is None:
                 return LARGE
             seen.append(h)
-            tau = tau0 if len(seen) <= warmup else share_threshold(seen, target_share)
-            return SMALL if h <= tau else LARGE
+            if len(seen) <= warmup:
+                tau = tau0
+            else:
+                owed = min(max(target_share * len(seen) - large, 0.0), 1.0)
+                tau = share_threshold(seen, owed)
+            role = SMALL if h <= tau else LARGE
+            large += role == LARGE
+            return role
 
         return Policy(name, choose)
 
