@@ -37,6 +37,7 @@ class Mode(str, Enum):
     random = "random"
     step_entropy = "step_entropy"
     step_perplexity = "step_perplexity"
+    adaptive = "adaptive"
 
 
 @contextlib.contextmanager
@@ -58,7 +59,7 @@ SmallOpt = typer.Option(None, "--small", envvar="GLIMP_SMALL", help="Small model
 LargeOpt = typer.Option(None, "--large", envvar="GLIMP_LARGE", help="Large model (overrides the pair's).")
 TauOpt = typer.Option(None, "--tau", envvar="GLIMP_TAU", help="H_init threshold in nats: the small model keeps steps with H_init <= tau.")
 ModeOpt = typer.Option(None, "--mode", envvar="GLIMP_MODE", help="glimp routes by H_init; small/large run one model alone; random routes at --large-share; step_entropy/step_perplexity draft with the small model and let the large one rewrite uncertain drafts.")
-ShareOpt = typer.Option(None, "--large-share", envvar="GLIMP_LARGE_SHARE", help="Share of steps for the large model in random mode.")
+ShareOpt = typer.Option(None, "--large-share", envvar="GLIMP_LARGE_SHARE", help="Share of steps for the large model in random mode, and the adaptive mode's target.")
 TempOpt = typer.Option(None, "--temperature", envvar="GLIMP_TEMPERATURE", help="Sampling temperature (0 = greedy).")
 TopPOpt = typer.Option(None, "--top-p", envvar="GLIMP_TOP_P", help="Nucleus sampling mass.")
 SeedOpt = typer.Option(None, "--seed", envvar="GLIMP_SEED", help="Seed for sampling and the random policy.")

@@ -27,7 +27,8 @@ def route_settings(pair: PairSpec) -> RouteSettings:
 def pair_policy(pair: PairSpec, probe_baseline: bool = False) -> Policy:
     """The routing policy for the pair's mode."""
     return make_policy(pair.mode, pair.tau, pair.large_share, probe_baseline,
-                       pair.step_entropy_threshold, pair.step_perplexity_threshold)
+                       pair.step_entropy_threshold, pair.step_perplexity_threshold,
+                       adaptive_share=pair.large_share)
 
 
 @dataclass
