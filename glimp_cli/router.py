@@ -398,125 +398,167 @@ class Router:
         return StepStop(self.delimiter, side.slot.stop, self.answer_markers if preempt else (), limit)
 
     def _run(self, trace: Trace) -> Iterator[Step]:
-        s = self.settings
-        policy = self.policy.for_trace() if self.policy.for_trace else self.policy
-        rng = np.random.default_rng([s.seed, _stable_hash(trace.question)])
-        listener = trace.listener
-        on_text = listener.text if listener else None
-        small, large = self._sides[SMALL], self._sides[LARGE]
-        for side in (small, large):
+        return _TraceRun(self, trace).steps()
+
+
+@dataclass
+class _StepCosts:
+    """What the step being written has measured so far, before it becomes a `Step`."""
+
+    index: int
+    h_init: float | None = None
+    logits: np.ndarray | None = None
+    probe_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    prefill_tokens: int = 0
+    discarded: int = 0
+    draft_seconds: float = 0.0
+    score: DraftScore | None = None
+
+
+class _TraceRun:
+    """The loop state of one question: probe, choose the model, write the step, decide the end."""
+
+    def __init__(self, router: Router, trace: Trace):
+        self.router = router
+        self.trace = trace
+        self.settings = router.settings
+        self.policy = router.policy.for_trace() if router.policy.for_trace else router.policy
+        self.rng = np.random.default_rng([router.settings.seed, _stable_hash(trace.question)])
+        self.listener = trace.listener
+        self.on_text = self.listener.text if self.listener else None
+        self.small, self.large = router._sides[SMALL], router._sides[LARGE]
+        for side in (self.small, self.large):
             side.started = False
-        large_answers = policy.large_answers
-        texts: list[str] = []
-        seen: set[str] = set()
-        generated = 0
-        answer_phase = False
+        self.texts: list[str] = []
+        self.seen: set[str] = set()
+        self.generated = 0
+        self.answer_phase = False  # the large model writes every remaining step
 
-        def ensure(side: _Side) -> tuple[float, int]:
-            t0 = perf_counter()
-            n = 0 if side.started else side.start(trace.question)
-            n += side.sync(texts)
-            return perf_counter() - t0, n
-
-        def drop_draft(index: int, written: Written, h_init: float | None) -> tuple[Role, int, float]:
-            """Throw the small model's draft away; the large model writes this step instead."""
-            small.drop_draft()
-            if listener:
-                listener.draft_discarded(index, len(written.tokens))
-                listener.step_started(index, LARGE, h_init)
-            return LARGE, len(written.tokens), written.seconds
-
+    def steps(self) -> Iterator[Step]:
         while True:
-            index = len(trace.steps)
-            prefill_s, prefill_n, probe_s = 0.0, 0, 0.0
-            h_init: float | None = None
-            logits = None
-            score: DraftScore | None = None
+            costs = _StepCosts(len(self.trace.steps))
+            budget = self.settings.max_tokens - self.generated
+            limit = min(self.settings.max_step_tokens, budget)
             try:
-                if not answer_phase and policy.needs_probe:
-                    prefill_s, prefill_n = ensure(small)
-                    t0 = perf_counter()
-                    logits = small.backend.next_logits()
-                    h_init = s.estimator.from_logits(logits)
-                    probe_s = perf_counter() - t0
-                role = LARGE if answer_phase else policy(h_init, rng)
-                budget = s.max_tokens - generated
-                limit = min(s.max_step_tokens, budget)
-                if listener:
-                    listener.step_started(index, role, h_init)
-                discarded, draft_s = 0, 0.0
+                if not self.answer_phase and self.policy.needs_probe:
+                    self.probe(costs)
+                role = LARGE if self.answer_phase else self.policy(costs.h_init, self.rng)
+                if self.listener:
+                    self.listener.step_started(costs.index, role, costs.h_init)
+                written = None
                 if role == SMALL:
-                    if logits is None:
-                        t, n = ensure(small)
-                        prefill_s, prefill_n = prefill_s + t, prefill_n + n
-                        logits = small.backend.next_logits()
-                    first = sample_token(logits, s.sampling, rng)
-                    written = small.backend.write(first, self._stop(SMALL, limit, large_answers), s.sampling, rng,
-                                                  on_text, logits if policy.rewrite else None)
-                    score = _draft_score(written) if policy.rewrite else None
-                    if score is not None and written.reason in ("delimiter", "length") and policy.rewrite(score):
-                        # A draft-then-verify policy rejected the draft: the large model rewrites the step.
-                        role, discarded, draft_s = drop_draft(index, written, h_init)
-                    if role == SMALL and large_answers and written.reason in ("marker", "stop_string", "eos"):
-                        # The small model reached the answer (or the end): the large model writes it.
-                        answer_phase = True
-                        if written.text.strip() and written.reason != "eos":
-                            # Keep the reasoning it wrote before the marker as its step.
-                            written = replace(written, text=written.text.rstrip(), reason="handover")
-                        elif not written.text.strip():
-                            role, discarded, draft_s = drop_draft(index, written, h_init)
+                    role, written = self.write_small(costs, limit)
                 if role == LARGE:
-                    t, n = ensure(large)
-                    prefill_s, prefill_n = prefill_s + t, prefill_n + n
-                    written = large.backend.write(None, self._stop(LARGE, limit, False), s.sampling, rng, on_text)
+                    written = self.write_large(costs, limit)
             except ContextFull:
-                trace.stop_reason = "context_full"
+                self.trace.stop_reason = "context_full"
                 return
-
-            generated += len(written.tokens)
-            step_reason = written.reason
-            if step_reason == "length":
-                step_reason = "max_tokens" if limit == budget else "max_step_tokens"
-            end = step_reason if step_reason in ("eos", "stop_string", "context_full", "max_tokens") else None
-            if role == SMALL and answer_phase:
-                end = None  # the small model is done: the large model writes the answer next
-            if role == LARGE and answer_phase and not self.answer_until_eos and end is None:
-                end = "answer"  # the answer step was handed over: the large model's one step is the answer
-            if any(m in written.text for m in self.answer_markers) and (role == LARGE or not large_answers):
-                if self.answer_until_eos:
-                    answer_phase = True
-                elif end in (None, "eos", "stop_string"):
-                    end = "answer"
-            key = _normalized(written.text)
-            if end is None and key in seen:
-                end = "repetition"
-            seen.add(key)
-            texts.append(written.text)
-            writer = self._sides[role]
-            kept = len(written.tokens)
-            if end is None:
-                settled = kept
-                try:
-                    settled = writer.settle(written, written.text)
-                except ContextFull:
-                    end = "context_full"
-                if written.reason == "handover":
-                    kept = settled  # the marker's tokens are dropped from the small model's cache
-                    discarded += len(written.tokens) - kept
-            if end:
-                writer.context_len += kept
-                writer.steps_seen += 1
-            step = Step(
-                index=index, model=role, h_init=h_init, text=written.text, tokens=kept,
-                probe_seconds=probe_s, generate_seconds=written.seconds + draft_s,
-                prefill_seconds=prefill_s, prefill_tokens=prefill_n, discarded_tokens=discarded,
-                stop_reason=end or step_reason, draft_signal=score,
-            )
-            trace.steps.append(step)
+            step, end = self.finish(costs, role, written, limit == budget)
+            self.trace.steps.append(step)
             yield step
             if end:
-                trace.stop_reason = end
+                self.trace.stop_reason = end
                 return
+
+    def catch_up(self, side: _Side, costs: _StepCosts) -> None:
+        """Bring a model's context up to date (its prompt first), as one batch."""
+        t0 = perf_counter()
+        n = 0 if side.started else side.start(self.trace.question)
+        n += side.sync(self.texts)
+        costs.prefill_seconds += perf_counter() - t0
+        costs.prefill_tokens += n
+
+    def probe(self, costs: _StepCosts) -> None:
+        """H_init: the entropy of the small model's next-token distribution."""
+        self.catch_up(self.small, costs)
+        t0 = perf_counter()
+        costs.logits = self.small.backend.next_logits()
+        costs.h_init = self.settings.estimator.from_logits(costs.logits)
+        costs.probe_seconds = perf_counter() - t0
+
+    def write_small(self, costs: _StepCosts, limit: int) -> tuple[Role, Written | None]:
+        """The small model writes from the probed token; returns LARGE when the step is handed over."""
+        s, policy = self.settings, self.policy
+        if costs.logits is None:
+            self.catch_up(self.small, costs)
+            costs.logits = self.small.backend.next_logits()
+        first = sample_token(costs.logits, s.sampling, self.rng)
+        stop = self.router._stop(SMALL, limit, policy.large_answers)
+        written = self.small.backend.write(first, stop, s.sampling, self.rng, self.on_text,
+                                           costs.logits if policy.rewrite else None)
+        costs.score = _draft_score(written) if policy.rewrite else None
+        if costs.score is not None and written.reason in ("delimiter", "length") and policy.rewrite(costs.score):
+            # A draft-then-verify policy rejected the draft: the large model rewrites the step.
+            return self.drop_draft(costs, written), None
+        if policy.large_answers and written.reason in ("marker", "stop_string", "eos"):
+            # The small model reached the answer (or the end): the large model writes it.
+            self.answer_phase = True
+            if not written.text.strip():
+                return self.drop_draft(costs, written), None
+            if written.reason != "eos":
+                # Keep the reasoning it wrote before the marker as its step.
+                written = replace(written, text=written.text.rstrip(), reason="handover")
+        return SMALL, written
+
+    def drop_draft(self, costs: _StepCosts, written: Written) -> Role:
+        """Throw the small model's draft away; the large model writes this step instead."""
+        self.small.drop_draft()
+        costs.discarded, costs.draft_seconds = len(written.tokens), written.seconds
+        if self.listener:
+            self.listener.draft_discarded(costs.index, costs.discarded)
+            self.listener.step_started(costs.index, LARGE, costs.h_init)
+        return LARGE
+
+    def write_large(self, costs: _StepCosts, limit: int) -> Written:
+        """The large model writes the whole step."""
+        self.catch_up(self.large, costs)
+        stop = self.router._stop(LARGE, limit, False)
+        return self.large.backend.write(None, stop, self.settings.sampling, self.rng, self.on_text)
+
+    def finish(self, costs: _StepCosts, role: Role, written: Written, budget_bound: bool) -> tuple[Step, str | None]:
+        """Decide whether the trace ends here (and why), settle the writer's context, record the step."""
+        router = self.router
+        self.generated += len(written.tokens)
+        step_reason = written.reason
+        if step_reason == "length":
+            step_reason = "max_tokens" if budget_bound else "max_step_tokens"
+        end = step_reason if step_reason in ("eos", "stop_string", "context_full", "max_tokens") else None
+        if role == SMALL and self.answer_phase:
+            end = None  # the small model is done: the large model writes the answer next
+        if role == LARGE and self.answer_phase and not router.answer_until_eos and end is None:
+            end = "answer"  # the answer step was handed over: the large model's one step is the answer
+        if any(m in written.text for m in router.answer_markers) and (role == LARGE or not self.policy.large_answers):
+            if router.answer_until_eos:
+                self.answer_phase = True
+            elif end in (None, "eos", "stop_string"):
+                end = "answer"
+        key = _normalized(written.text)
+        if end is None and key in self.seen:
+            end = "repetition"
+        self.seen.add(key)
+        self.texts.append(written.text)
+        writer = router._sides[role]
+        kept = len(written.tokens)
+        if end is None:
+            settled = kept
+            try:
+                settled = writer.settle(written, written.text)
+            except ContextFull:
+                end = "context_full"
+            if written.reason == "handover":
+                kept = settled  # the marker's tokens are dropped from the small model's cache
+                costs.discarded += len(written.tokens) - kept
+        if end:
+            writer.context_len += kept
+            writer.steps_seen += 1
+        step = Step(
+            index=costs.index, model=role, h_init=costs.h_init, text=written.text, tokens=kept,
+            probe_seconds=costs.probe_seconds, generate_seconds=written.seconds + costs.draft_seconds,
+            prefill_seconds=costs.prefill_seconds, prefill_tokens=costs.prefill_tokens,
+            discarded_tokens=costs.discarded, stop_reason=end or step_reason, draft_signal=costs.score,
+        )
+        return step, end
 
 
 def _side(slot: ModelSlot, settings: RouteSettings, policy: Policy) -> "_Side | _TextSide":
