@@ -130,7 +130,7 @@ def fake_server():
 
 
 def spec_for(url: str, **changes) -> ModelSpec:
-    values = dict(name="remote", backend="openai", base_url=url, model="m", prompt=PLAIN, timeout=2.0,
+    values = dict(name="remote", backend="openai", base_url=url, model="m", prompt=PLAIN, timeout=10.0,
                   max_retries=1)
     values.update(changes)
     return ModelSpec(**values)
