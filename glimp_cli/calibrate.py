@@ -30,7 +30,7 @@ from glimp_cli.config import PairSpec, Registry, load_registry
 from glimp_cli.errors import ConfigError, InputError, MissingExtraError, UsageError
 from glimp_cli.policies import ADAPTIVE_WARMUP, LARGE, SMALL, Policy, make_policy, share_threshold
 from glimp_cli.questions import Question
-from glimp_cli.report import ModeRow, load_results, summarize, wilson_interval
+from glimp_cli.report import ModeRow, load_results, numbered_results, summarize, wilson_interval
 from glimp_cli.router import Router
 
 CALIBRATION_SET = "data/calibration.jsonl"
@@ -67,15 +67,12 @@ class Distribution:
 
 def read_traces(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, record) for every line of a results file; a line that is not a whole result is an error."""
-    records, warnings = load_results(path)
+    numbered, warnings = numbered_results(path)
     if warnings:
         problem = warnings[0].removesuffix("; skipped")
         raise InputError(f"{problem}: calibrate reads only whole results files "
                          "(glimp batch --resume repairs a torn last line)")
-    data = Path(path).read_bytes()
-    # load_results skips exactly the blank lines when it warns about none, so the order matches.
-    numbers = [number for number, raw in enumerate(data.split(b"\n"), 1) if raw.strip()]
-    return list(zip(numbers, records))
+    return numbered
 
 
 def trace_values(path: str | Path, line: int, record: dict) -> list[float]:

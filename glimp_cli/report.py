@@ -47,12 +47,18 @@ def load_results(path: str | Path) -> tuple[list[dict], list[str]]:
     A repeated (id, mode) keeps its first record, so a file that was appended to twice is not
     counted double.
     """
+    numbered, warnings = numbered_results(path)
+    return [record for _, record in numbered], warnings
+
+
+def numbered_results(path: str | Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """Like `load_results`, with each record's line number in the file."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read results file {path}: {exc.strerror or exc}") from None
-    records: list[dict] = []
+    records: list[tuple[int, dict]] = []
     warnings: list[str] = []
     seen: dict[tuple[str, str], int] = {}
     lines = data.split(b"\n")
@@ -78,7 +84,7 @@ def load_results(path: str | Path) -> tuple[list[dict], list[str]]:
                             f"from line {seen[key]}; skipped")
             continue
         seen[key] = number
-        records.append(record)
+        records.append((number, record))
     return records, warnings
 
 
