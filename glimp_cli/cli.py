@@ -146,7 +146,7 @@ def ask(
             for role, backend in engine.backends.items():
                 err.print(f"{role}: {backend.name} from {getattr(backend, 'path', '?')}", markup=False)
         out = Console(highlight=False)
-        view = None if as_json else LiveView(out)
+        view = None if as_json else LiveView(out, probing=policy.needs_probe)
         trace = engine.router(policy).run(question, view)
         interrupted = False
         try:

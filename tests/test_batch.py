@@ -11,6 +11,7 @@ import pytest
 
 from conftest import fake_router
 from glimp_cli import __version__
+from glimp_cli.backends.fake import tokenize_bytes
 from glimp_cli.backends.fake import ScriptedStep as S
 from glimp_cli.batch import (
     BASELINE, PROBED, ROUTED, ResultsFile, check_writable, order_modes, pair_settings, result_record, run_batch,
@@ -78,9 +79,10 @@ def test_result_record_of_a_routed_trace() -> None:
     assert [s["model"] for s in record["steps"]] == ["small", "large", "small", "large", "large"]
     assert [s["h_init"] for s in record["steps"]] == pytest.approx([0.5, 2.0, 0.3, 1.5, 0.1], abs=1e-5)
     assert record["model_steps"] == {"small": 2, "large": 3}
-    # The fake writes a token per character, plus two newline tokens ending each step.
-    assert record["tokens"] == {"small": sum(len(t) + 2 for t in ("small one", "small three")),
-                                "large": sum(len(t) + 2 for t in ("LARGE TWO", "LARGE FOUR", "The answer is 42."))}
+    # Each step is its text as the fake tokenizes it, plus two newline tokens ending it.
+    n = lambda t: len(tokenize_bytes(t.encode())) + 2  # noqa: E731
+    assert record["tokens"] == {"small": sum(n(t) for t in ("small one", "small three")),
+                                "large": sum(n(t) for t in ("LARGE TWO", "LARGE FOUR", "The answer is 42."))}
     assert record["large_share_steps"] == pytest.approx(GLIMP_SHARE)
     assert record["wall_seconds"] > 0 and record["probe_seconds"] > 0
     assert set(record["evaluated_tokens"]) == {"small", "large"}
