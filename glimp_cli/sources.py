@@ -155,6 +155,8 @@ def _parts_availability(model: str, src: Source) -> Availability:
         assembly.locate(model, src)
     except ModelError as exc:
         return Availability(False, str(exc))
+    if target.is_file():
+        return Availability(True, f"{target} changed since its sha256 check: re-checked on first use")
     return Availability(True, f"will be assembled into {target} on first use")
 
 
