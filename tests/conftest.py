@@ -1,4 +1,4 @@
-"""Shared fixtures: the scripted fake pair, and the real default pair loaded once per session."""
+"""Shared fixtures: the scripted fake pair, and the real tiny pair loaded once per session."""
 
 from __future__ import annotations
 
@@ -47,12 +47,12 @@ LN = math.log
 
 @pytest.fixture(scope="session")
 def real_engine():
-    """The packaged default pair, loaded once for the whole session."""
+    """The packaged tiny pair (SmolLM2-135M + Gemma 3 270M, fast), loaded once for the whole session."""
     from glimp_cli.config import load_registry
     from glimp_cli.engine import Engine
 
     registry = load_registry()
-    pair = registry.pair()
+    pair = registry.pair("tiny")
     engine = Engine.load(registry, pair, {"small", "large"})
     yield engine
     engine.close()

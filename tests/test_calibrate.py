@@ -2,7 +2,7 @@
 
 Everything but the last test runs without a model: traces are written by the real batch loop over the
 scripted fake pair, and the CLI is pointed at them with --traces (Engine.load is made to fail, so a
-test that loads a model by mistake fails too). The last test runs a tiny real sweep on the default pair.
+test that loads a model by mistake fails too). The last test runs a tiny real sweep on the tiny pair.
 """
 
 from __future__ import annotations
@@ -458,10 +458,10 @@ def test_write_adds_a_full_entry_for_a_pair_that_lives_in_the_packaged_file(tmp_
     user.write_text("# mine\npairs:\n  other:\n    small: smollm2-135m\n    large: gemma3-270m\n")
     result = invoke("--traces", str(traces), "--large-share", "0.2", "--write")
     assert result.exit_code == 0, result.output
-    assert "added the pair's entry with pairs.default.tau = 1.5 (was 3.5)" in result.stdout
+    packaged = yaml.safe_load(packaged_config().read_text())["pairs"]["default"]
+    assert f"added the pair's entry with pairs.default.tau = 1.5 (was {packaged['tau']:g})" in result.stdout
     text = user.read_text()
     assert text.startswith("# mine\n") and "other:" in text
-    packaged = yaml.safe_load(packaged_config().read_text())["pairs"]["default"]
     assert yaml.safe_load(text)["pairs"]["default"] == {**packaged, "tau": 1.5}
     assert load_registry().pair("default").tau == 1.5  # the layered registry sees it
 
@@ -478,14 +478,15 @@ def test_write_needs_a_chosen_tau() -> None:
     assert "--write needs a tau" in one_line_error(invoke("--write"), 2)
 
 
-# --- a real sweep on the default pair ------------------------------------------------------------------
+# --- a real sweep on the tiny pair ------------------------------------------------------------------
 
 
 @pytest.fixture
 def one_thread(tmp_path) -> Path:
-    """The packaged models.yaml with the default pair on one thread per model (see test_cli_batch)."""
+    """The packaged models.yaml with the tiny pair as the default, one thread per model (see test_cli_batch)."""
     config = yaml.safe_load(packaged_config().read_text(encoding="utf-8"))
-    pair = config["pairs"][config["default_pair"]]
+    config["default_pair"] = "tiny"
+    pair = config["pairs"]["tiny"]
     for role in ("small", "large"):
         config["models"][pair[role]]["threads"] = 1
     path = tmp_path / "one-thread.yaml"

@@ -52,7 +52,7 @@ def one_line_error(result, *needles):
 
 @pytest.mark.real
 def test_ask_json_matches_the_trace():
-    result = runner.invoke(app, ["ask", QUESTION, "--json", "--max-tokens", "64", "--tau", "3.5"])
+    result = runner.invoke(app, ["ask", QUESTION, "--pair", "tiny", "--json", "--max-tokens", "64", "--tau", "3.5"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     steps = record["steps"]
@@ -70,7 +70,7 @@ def test_ask_json_matches_the_trace():
 
 @pytest.mark.real
 def test_ask_streams_plain_text_without_escape_codes():
-    result = runner.invoke(app, ["ask", QUESTION, "--max-tokens", "48", "--mode", "large"])
+    result = runner.invoke(app, ["ask", QUESTION, "--pair", "tiny", "--max-tokens", "48", "--mode", "large"])
     assert result.exit_code == 0, result.output
     assert "\x1b[" not in result.stdout
     assert "step 1 · large" in result.stdout and "wall time" in result.stdout
@@ -85,7 +85,8 @@ def test_unknown_key_in_config_names_file_and_key(tmp_path):
 def test_wrong_type_in_config_names_the_key(tmp_path):
     config = tmp_path / "models.yaml"
     config.write_text("models:\n  gemma3-270m:\n    source: {path: x.gguf}\n    prompt: fewshot-qa\n    n_ctx: big\n")
-    one_line_error(runner.invoke(app, ["ask", QUESTION, "--config", str(config)]), "models.gemma3-270m.n_ctx")
+    one_line_error(runner.invoke(app, ["ask", QUESTION, "--config", str(config), "--pair", "tiny"]),
+                   "models.gemma3-270m.n_ctx")
 
 
 def test_missing_gguf_file(tmp_path):
@@ -180,7 +181,7 @@ def test_ctrl_c_prints_what_was_written_and_exits_130():
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "glimp_cli", "ask", QUESTION, "--mode", "large", "--max-tokens", "2000",
+        [sys.executable, "-m", "glimp_cli", "ask", QUESTION, "--pair", "tiny", "--mode", "large", "--max-tokens", "2000",
          "--max-step-tokens", "2000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     seen = ""

@@ -1,4 +1,4 @@
-"""`glimp batch` and `glimp report` through the command line, on the real default pair with tiny budgets.
+"""`glimp batch` and `glimp report` through the command line, on the real tiny pair with tiny budgets.
 
 The pair runs on one thread per model (an overlay of the packaged models.yaml): llama.cpp's threads
 spin-wait for each other, and with every core in use while other tests share the machine, a run
@@ -40,9 +40,10 @@ RUN_SECONDS = 300
 
 @pytest.fixture(scope="module")
 def one_thread(tmp_path_factory) -> Path:
-    """The packaged models.yaml with the default pair's models on one thread each."""
+    """The packaged models.yaml with the tiny pair as the default and its models on one thread each."""
     config = yaml.safe_load(packaged_config().read_text(encoding="utf-8"))
-    pair = config["pairs"][config["default_pair"]]
+    config["default_pair"] = "tiny"
+    pair = config["pairs"]["tiny"]
     for role in ("small", "large"):
         config["models"][pair[role]]["threads"] = 1
     path = tmp_path_factory.mktemp("config") / "models.yaml"
@@ -116,7 +117,7 @@ def test_batch_writes_one_line_per_question_and_mode(batch_run) -> None:
     for r in records:
         assert FIELDS <= set(r), FIELDS - set(r)
         assert r["settings"]["max_tokens"] == 48 and r["settings"]["max_step_tokens"] == 32
-        assert r["settings"]["pair"] == "default" and set(r["settings"]["models"]) == {"small", "large"}
+        assert r["settings"]["pair"] == "tiny" and set(r["settings"]["models"]) == {"small", "large"}
         assert r["steps"] and sum(r["model_steps"].values()) == len(r["steps"])
     by_mode = {m: [r for r in records if r["mode"] == m] for m in MODES}
     assert [r["reference"] for r in by_mode["glimp"]] == ["18", "3"]
