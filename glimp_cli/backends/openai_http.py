@@ -44,6 +44,7 @@ import numpy as np
 
 from glimp_cli.backends.base import ContextFull, StepStop, StepScanner, TextSink, Written
 from glimp_cli.config import ModelSpec
+from glimp_cli.entropy import entropy_and_logprob, topk_entropy_from_logprobs
 from glimp_cli.errors import BackendError, ConfigError, ContextLimitError
 from glimp_cli.sampling import Sampling
 
@@ -349,6 +350,9 @@ class OpenAIBackend:
                 self.probe_form = TEXT_END_FORM
         if top is None:
             top = self._probe(self.text, ())
+        if any(math.isnan(v) for v in top.values()):
+            raise self.endpoint.fail(self.endpoint.url("/completions"),
+                                     "the probe returned NaN log-probabilities (the served model's output is broken)")
         ranked = sorted(top.items(), key=lambda kv: -kv[1])[: self.top_k]
         self._candidates = [Candidate(text, float(lp)) for text, lp in ranked]
         if not self._candidates:
@@ -380,7 +384,8 @@ class OpenAIBackend:
         if any(text != want for (text, _), (_, want) in zip(positions, forced)):
             return None  # the server ignored logit_bias: fall back to the text-end form
         top = positions[len(forced)][1]
-        return {str(k): float(v) for k, v in top.items() if v is not None and math.isfinite(float(v))}
+        # A null or -inf entry is a masked token (dropped); NaN is kept so that the entropy refuses it.
+        return {str(k): float(v) for k, v in top.items() if v is not None and float(v) != -math.inf}
 
     def _delimiter_tail(self) -> tuple[tuple[int, str], ...] | None:
         """The running-form delimiter's tokens after its first one, from the server's tokenizer (asked once)."""
@@ -555,19 +560,16 @@ def _choice(event: dict) -> dict:
 
 
 def _topk_entropy(top: dict | None, k: int) -> float:
-    values = np.array(sorted((float(v) for v in (top or {}).values() if v is not None), reverse=True)[:k])
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return 0.0
-    z = values - values.max()
-    p = np.exp(z)
-    return float(math.log(p.sum()) - (p * z).sum() / p.sum())
+    """Renormalised entropy (nats) of the K best entries of one position's top-logprob dict."""
+    # A null entry is a token the server gave no number for: masked, like a -inf logit.
+    values = np.array([-math.inf if v is None else float(v) for v in (top or {}).values()], dtype=np.float64)
+    return topk_entropy_from_logprobs(np.sort(values)[::-1][:k])
 
 
 def _topk_score(logprobs: np.ndarray, position: int) -> tuple[float, float]:
-    """Renormalised top-K entropy and the chosen entry's log-probability (nats)."""
-    z = np.asarray(logprobs, dtype=np.float64)
-    return _topk_entropy({i: v for i, v in enumerate(z)}, z.size), float(z[position])
+    """Renormalised top-K entropy and the chosen entry's log-probability as the server reported it (nats)."""
+    entropy, _ = entropy_and_logprob(logprobs)
+    return entropy, float(logprobs[position])
 
 
 def connect(spec: ModelSpec, config_dir=None) -> OpenAIBackend:
