@@ -26,6 +26,18 @@ def _silence_llama_log(llama_cpp) -> None:
         llama_cpp.llama_log_set(_log_callback, None)
 
 
+def render_chat(template: str, messages: list[dict], bos_token: str, eos_token: str) -> str:
+    """What a GGUF's chat template makes of `messages`, through llama-cpp-python's sandboxed formatter.
+
+    Its Jinja environment is the one llama-cpp-python's own chat completions use (Transformers'
+    extensions and `tojson`, `strftime_now`, `raise_exception` raising ValueError).
+    """
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    formatter = Jinja2ChatFormatter(template, eos_token=eos_token, bos_token=bos_token, add_generation_prompt=True)
+    return formatter(messages=messages).prompt
+
+
 def memory_kind(llama_cpp, model) -> str | None:
     """"recurrent" or "hybrid" for a model whose state cannot be rewound to an earlier token, else None.
 
