@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -130,16 +132,29 @@ def test_check_writable_names_the_path(tmp_path: Path) -> None:
         check_writable(tmp_path)
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write to read-only directories")
 def test_check_writable_refuses_a_read_only_directory(tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o500)
+    # Permission bits stop a user; root (as on our machines and CI) needs the immutable attribute.
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if not root:
+        locked.chmod(0o500)
+    elif not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode:
+        pytest.skip("running as root on a file system without the immutable attribute")
     try:
         with pytest.raises(InputError, match="locked"):
             check_writable(locked / "r.jsonl")
     finally:
-        locked.chmod(0o700)
+        if root:
+            subprocess.run(["chattr", "-i", str(locked)], check=True)
+        else:
+            locked.chmod(0o700)
+
+
+def test_check_writable_refuses_a_path_under_a_regular_file(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(InputError, match="plain"):
+        check_writable(tmp_path / "plain" / "r.jsonl")
 
 
 def test_batch_writes_each_question_once_per_mode_with_one_router_per_mode(tmp_path: Path) -> None:

@@ -127,11 +127,19 @@ def test_empty_question_is_a_usage_error():
     assert result.exit_code == 2 and "question is empty" in result.output
 
 
-def test_bad_flag_values_are_refused_before_loading():
-    result = runner.invoke(app, ["ask", QUESTION, "--top-p", "0"])
-    assert result.exit_code == 1 and "top_p" in result.output
-    result = runner.invoke(app, ["ask", QUESTION, "--estimator", "topk:1"])
-    assert result.exit_code == 1 and "topk" in result.output
+@pytest.mark.parametrize("flag, value, needle", [("--top-p", "0", "top_p"), ("--estimator", "topk:1", "topk:1")])
+def test_bad_flag_values_are_refused_before_loading(tmp_path, flag, value, needle):
+    # A model that cannot be loaded: trying to load it first would give "not found" instead.
+    config = write_config(tmp_path, "path: nowhere.gguf")
+    one_line_error(runner.invoke(app, ["ask", QUESTION, "--config", str(config), flag, value]), needle)
+    # With the packaged pair, which would load: llama.cpp is never even imported.
+    code = ("import sys; from glimp_cli.cli import main\n"
+            f"sys.argv = ['glimp', 'ask', 'q?', {flag!r}, {value!r}]\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+            "assert 'llama_cpp' not in sys.modules, 'llama_cpp was imported'\n"
+            "sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and needle in result.stderr + result.stdout, (result.stdout, result.stderr)
 
 
 def test_models_lists_a_broken_entry_with_its_error(tmp_path):

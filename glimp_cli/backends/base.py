@@ -284,9 +284,6 @@ def write_tokens(backend: Backend, first_token: int | None, stop: StepStop, samp
 
 def _score(logits: np.ndarray, token: int) -> tuple[float, float]:
     """Entropy (nats) of softmax(logits) and the log-probability of `token`, at temperature 1."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max()
-    p = np.exp(z)
-    total = p.sum()
-    log_total = float(np.log(total))
-    return log_total - float((p * z).sum() / total), float(z[token]) - log_total
+    from glimp_cli.entropy import entropy_and_logprob
+
+    return entropy_and_logprob(logits, token)
