@@ -205,6 +205,22 @@ def test_a_500_is_retried_and_the_second_answer_is_used(fake_server):
     assert len(fake_server.posted("/v1/completions")) == 2
 
 
+def test_an_answer_step_over_http_runs_past_its_delimiter_and_step_limit(fake_server):
+    # One event per token: `The answer is:` then the number on the next line, then more text.
+    tokens = ["The", " answer", " is", ":", "\n", "4", "2", "\n", "more", "\n"]
+    fake_server.on("/v1/completions", (200, [event(t) for t in tokens] + [event("", "length")]))
+    backend = fast(connect(spec_for(fake_server.url)))
+    backend.text = "Q: x\nA:\n"
+    stop = StepStop("\n", max_new_tokens=4, final_markers=("The answer is",), answer_tokens=50)
+    written = backend.write(None, stop, Sampling(), np.random.default_rng(0))
+    assert written.text == "The answer is:\n42" and written.reason == "delimiter"
+    assert fake_server.posted("/v1/completions")[0]["max_tokens"] == 50
+    # A step that is not the answer still ends at its own limit.
+    fake_server.on("/v1/completions", (200, [event(t) for t in ["a", "b", "c", "d", "e", "\n"]] + [event("", "stop")]))
+    written = backend.write(None, stop, Sampling(), np.random.default_rng(0))
+    assert written.text == "abcd" and written.reason == "length"
+
+
 def test_5xx_every_time_gives_up_after_max_retries(fake_server):
     fake_server.on("/v1/completions", (503, {"detail": "overloaded"}))
     backend = fast(connect(spec_for(fake_server.url, max_retries=2)))

@@ -489,8 +489,10 @@ class OpenAIBackend:
             ended = scanner.feed(prefix.encode("utf-8"))
             if ended:
                 return self._written(scanner, n, ended, start, entropies, logprobs)
-        budget = stop.max_new_tokens - n
-        if budget <= 0:
+        # Ask for as much as an answer step may take; a step that turns out not to be the answer is
+        # closed at its own limit below.
+        budget = stop.limit(answering=True) - n
+        if stop.max_new_tokens - n <= 0:
             scanner.close()
             return self._written(scanner, n, "length", start, entropies, logprobs)
         seed = int(rng.integers(0, 2**31 - 1))
@@ -519,6 +521,10 @@ class OpenAIBackend:
                     if ended:
                         reason = ended
                         break
+                if n + generated >= stop.limit(scanner.answering) and choice.get("finish_reason") is None:
+                    scanner.close()
+                    reason = "length"
+                    break
         finally:
             stream.close()  # closing the connection stops the server's generation
         n += generated
