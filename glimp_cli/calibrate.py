@@ -358,9 +358,13 @@ def plan_sweep(values: Sequence[float], shares: Sequence[float], runs_dir: Path,
     return runs
 
 
-def run_settings(pair: PairSpec, run: Run) -> dict:
-    """The settings recorded with (and checked against) every line of a run's file."""
-    settings = pair_settings(pair)
+def run_settings(pair: PairSpec, run: Run, base: dict | None = None) -> dict:
+    """The settings recorded with (and checked against) every line of a run's file.
+
+    `base` is the batch key of the pair (batch.batch_settings: with its models' details); without
+    it, the pair's own settings.
+    """
+    settings = dict(base) if base is not None else pair_settings(pair)
     settings["tau"] = run.tau
     settings["large_share"] = run.share if run.mode == "adaptive" else None
     if run.mode == "adaptive":
@@ -382,28 +386,19 @@ def default_runs_dir(base: Path, pair: PairSpec, questions: list[Question]) -> P
     return Path(base) / f"{pair.name}-{digest}"
 
 
-def check_same_questions(path: Path, questions: list[Question]) -> None:
-    """Refuse a runs file whose records of these ids hold other question texts (another question file)."""
-    records, _ = load_results(path)
-    texts = {q.id: q.question for q in questions}
-    for record in records:
-        if record["id"] in texts and record.get("question") != texts[record["id"]]:
-            raise InputError(f"{path} holds question id {record['id']!r} with another text: it belongs to "
-                             "another question file; use another --runs-dir")
-
-
 def execute_run(run: Run, questions: list[Question], pair: PairSpec, make_router: Callable[[Policy], Router],
-                progress: Callable[[Run, int], Any] | None = None) -> BatchOutcome:
+                progress: Callable[[Run, int], Any] | None = None, base: dict | None = None) -> BatchOutcome:
     """Run (or resume) one run of the sweep into its file; questions already there are reused.
 
     `make_router(policy)` wraps models loaded once; it is not called when nothing is left to run.
     `progress(run, pending)` may return a context manager with `mode_started` and `result` (BatchProgress).
+    `base`: the settings every run's lines share (see run_settings). A file whose lines hold other
+    settings, or another question under one of these ids, is refused.
     """
     run.path.parent.mkdir(parents=True, exist_ok=True)
-    settings = run_settings(pair, run)
-    out, done = ResultsFile.open(run.path, resume=True, settings_key=settings)
+    settings = run_settings(pair, run, base)
+    out, done = ResultsFile.open(run.path, resume=True, settings_key=settings, questions=questions)
     with out:
-        check_same_questions(run.path, questions)
         pending = sum((q.id, run.mode) not in done for q in questions)
         if not pending:
             return BatchOutcome(already_done=len(questions))
@@ -470,15 +465,17 @@ class Calibration:
 def run_calibration(questions: list[Question], pair: PairSpec, make_router: Callable[[Policy], Router],
                     runs_dir: Path, shares: Sequence[float] | None = None, adaptive: bool = False,
                     warmup: int = ADAPTIVE_WARMUP, progress: Callable[[Run, int], Any] | None = None,
-                    on_done: Callable[[Run, BatchOutcome], None] | None = None) -> Calibration:
+                    on_done: Callable[[Run, BatchOutcome], None] | None = None,
+                    base: dict | None = None) -> Calibration:
     """Record H_init with a small-alone run, then (with `shares`) sweep the taus of those shares.
 
     Every run resumes its file in `runs_dir`, so a rerun only runs what is missing. Ctrl-C stops
     after the question in flight (dropped; everything finished is kept) with `interrupted` set.
+    `base`: the settings all runs' lines share (see run_settings).
     """
     recording = recording_run(runs_dir)
     runs = [recording]
-    done = execute_run(recording, questions, pair, make_router, progress)
+    done = execute_run(recording, questions, pair, make_router, progress, base)
     if on_done:
         on_done(recording, done)
     if done.interrupted:
@@ -488,7 +485,7 @@ def run_calibration(questions: list[Question], pair: PairSpec, make_router: Call
         return Calibration(dist, runs)
     runs = plan_sweep(dist.values, shares, runs_dir, adaptive, warmup)
     for run in runs[1:]:
-        done = execute_run(run, questions, pair, make_router, progress)
+        done = execute_run(run, questions, pair, make_router, progress, base)
         if on_done:
             on_done(run, done)
         if done.interrupted:

@@ -217,7 +217,7 @@ def batch(
     output: Path = typer.Option(..., "--output", "-o", help="Results file: JSON Lines, one line per question and mode."),
     mode: Optional[str] = BatchModeOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the results file: skip each (question, mode) it holds. Settings must match."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Empty the results file first if it already holds results."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results the file holds (emptied once the models have loaded)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Run at most this many questions (after --offset)."),
     offset: int = typer.Option(0, "--offset", help="Skip this many questions first."),
     shuffle: bool = typer.Option(False, "--shuffle", help="Shuffle the questions with --seed before --offset and --limit."),
@@ -254,12 +254,12 @@ def batch(
     """
     with user_errors():
         from glimp_cli.batch import (
-            ResultsFile, check_random_share, pair_settings, pending_modes, run_batch,
+            ResultsFile, batch_settings, check_random_share, pending_modes, run_batch,
         )
         from glimp_cli.engine import Engine, pair_policy
         from glimp_cli.errors import InputError, UsageError
         from glimp_cli.progress import BatchProgress
-        from glimp_cli.questions import load_questions
+        from glimp_cli.questions import load_questions, question_source
 
         if resume and overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
@@ -281,18 +281,24 @@ def batch(
         if not loaded:
             raise InputError(f"{questions}: no questions to run"
                              + (" (check --offset and --limit)" if offset or limit is not None else ""))
-        key = pair_settings(pair_spec)
 
         def settings_for_mode(name: str) -> dict:
-            return {**key, "large_share": share if name == "random" else None}
+            # Adaptive runs at the pair's share as its target; random at the given share, else glimp's.
+            target = share if name == "random" else pair_spec.large_share if name == "adaptive" else None
+            return {**key, "large_share": target}
 
         def policy_for(name: str, settings: dict):
             given = {} if settings["large_share"] is None else {"large_share": settings["large_share"]}
             return pair_policy(dataclasses.replace(pair_spec, mode=name, **given), probe_baseline)
 
         if not resume:
-            check_random_share(modes, share, loaded)  # before --overwrite empties the file
-        out, done = ResultsFile.open(output, resume, key, overwrite)
+            check_random_share(modes, share, loaded)  # before anything is opened
+        # Locates each model file the modes use: a missing one fails here, before the results are touched.
+        used = set().union(*(pair_policy(dataclasses.replace(pair_spec, mode=m), probe_baseline).models
+                             for m in modes))
+        key = batch_settings(registry, pair_spec, used, probe_baseline,
+                             question_source(questions, limit, offset, shuffle, pair_spec.seed))
+        out, done = ResultsFile.open(output, resume, settings_for_mode, overwrite, loaded, questions)
         with out:
             if out.repaired:
                 err.print(f"glimp: warning: {out.repaired}", markup=False)
@@ -454,10 +460,11 @@ def calibrate(
     """
     with user_errors():
         from glimp_cli import calibrate as cal
+        from glimp_cli.batch import batch_settings
         from glimp_cli.config import user_config
         from glimp_cli.errors import InputError, UsageError
         from glimp_cli.progress import BatchProgress
-        from glimp_cli.questions import load_questions
+        from glimp_cli.questions import load_questions, question_source
         from glimp_cli.sources import cache_dir
 
         if traces and (questions or sweep):
@@ -511,10 +518,12 @@ def calibrate(
                 if not outcome.written and not outcome.interrupted:
                     err.print(f"{run.label}: reused {outcome.already_done} results from {run.path}", markup=False)
 
+            used = {"small", "large"} if sweep else {"small"}
+            base = batch_settings(registry, pair_spec, used, False, question_source(source, limit, offset))
             models = cal.ModelsOnDemand(registry, pair_spec)
             try:
                 result = cal.run_calibration(loaded, pair_spec, models.router, where, grid, adaptive, warmup,
-                                             progress, on_done)
+                                             progress, on_done, base)
             except KeyboardInterrupt:
                 result = cal.Calibration(None, [], True)
             finally:
