@@ -561,15 +561,14 @@ def calibrate(
         if write:
             if objective and chosen is None:
                 raise InputError(f"nothing written: {pick.reason}")
-            if traces:
-                recorded = {p for p, _ in dist.recorded_with} | {e for _, e in dist.recorded_with}
-                if dist.recorded_with != {(pair_spec.name, pair_spec.estimator)}:
-                    raise UsageError(f"{traces} was recorded with {', '.join(sorted(map(str, recorded)))}, not pair "
-                                     f"{pair_spec.name} with estimator {pair_spec.estimator}: its tau belongs to that pair")
-            change = cal.write_tau(config or user_config(), registry, pair_spec.name, at.tau)
-            what = "added the pair's entry with" if change.added else "set"
-            out.print(f"{change.path}: {what} pairs.{change.pair}.tau = {change.new:g} (was {change.old:g})",
-                      markup=False)
+            # Stored with tau: the settings its H_init values were measured with, where the pair differs.
+            measured = cal.measured_in_traces(dist) if traces else cal.measured_by_run(pair_spec, source)
+            changed = cal.settings_to_write(registry.pair(pair_spec.name), measured,
+                                            uses_large=objective is not None or dist.mode != "small")
+            share = chosen.run.share if objective else at.target
+            record = cal.calibration_record(measured, at.tau, dist.n, share, objective)
+            change = cal.write_tau(config or user_config(), registry, pair_spec.name, at.tau, changed, record)
+            out.print(cal.describe_write(change), markup=False, soft_wrap=True)  # paths stay whole
 
 
 def version_callback(value: bool):

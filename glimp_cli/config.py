@@ -76,6 +76,33 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class CalibrationRecord:
+    """Where a pair's tau came from, as `glimp calibrate --write` stored it (read by people, not the loop).
+
+    `large_share` is the share of steps the tau was picked to send to the large model (by
+    `--large-share`, or the sweep share of the tau an `objective` chose); `steps` the number of
+    recorded H_init values; the rest names the questions or traces they came from and the settings
+    they were measured with.
+    """
+
+    tau: float
+    steps: int
+    large_share: float | None = None
+    objective: str | None = None
+    mode: str = "small"
+    questions: str | None = None
+    traces: str | None = None
+    small: str | None = None
+    large: str | None = None
+    estimator: str | None = None
+    delimiter: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_step_tokens: int | None = None
+    date: str | None = None
+
+
+@dataclass(frozen=True)
 class PairSpec:
     """A small/large pair and its routing and sampling settings."""
 
@@ -95,6 +122,7 @@ class PairSpec:
     # Thresholds of the draft-then-verify baselines (modes step_entropy, step_perplexity).
     step_entropy_threshold: float = 1.0
     step_perplexity_threshold: float = 3.0
+    calibration: CalibrationRecord | None = None  # written by `glimp calibrate --write`
 
 
 @dataclass
@@ -276,6 +304,12 @@ def _pair(name: str, raw: Any, path: Path) -> PairSpec:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {where}.estimator: {exc}") from None
     check_pair_values(spec, lambda key: f"{path}: {where}.{key}")
+    record = spec.calibration
+    if record is not None:
+        if record.steps < 1:
+            raise ConfigError(f"{path}: {where}.calibration.steps: must be a positive integer")
+        if record.large_share is not None and not 0 <= record.large_share <= 1:
+            raise ConfigError(f"{path}: {where}.calibration.large_share: must be between 0 and 1")
     return spec
 
 
