@@ -6,6 +6,7 @@ import codecs
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 from enum import Enum
@@ -477,8 +478,10 @@ def calibrate(
             raise UsageError("pick tau by --large-share or by --objective, not both")
         if write and not objective and large_share is None:
             raise UsageError("--write needs a tau to write: choose it with --large-share or --sweep --objective")
-        if max_drop < 0 or max_latency_ratio <= 0:
-            raise UsageError("--max-drop must be >= 0 and --max-latency-ratio > 0")
+        if large_share is not None and not 0 <= large_share <= 1:  # also NaN: before any model runs
+            raise UsageError(f"--large-share {large_share} is not between 0 and 1")
+        if not (0 <= max_drop < math.inf and 0 < max_latency_ratio < math.inf):  # also refuses NaN
+            raise UsageError("--max-drop must be a finite number >= 0 and --max-latency-ratio a finite number > 0")
         grid = cal.parse_shares(shares) if sweep else None
         values = dict(small=small, large=large, tau=tau, temperature=temperature, top_p=top_p, seed=seed,
                       max_tokens=max_tokens, max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator)

@@ -8,6 +8,7 @@ top of it, its entries replacing packaged entries of the same name.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -280,8 +281,8 @@ def _check_remote(spec: ModelSpec, path: Path, where: str, prompt_where: str) ->
     if spec.prompt.style != "plain":
         raise ConfigError(f"{path}: {prompt_where}.style: backend openai needs style: plain with the chat "
                           "template written out (glimp cannot read the served model's template)")
-    if spec.timeout <= 0:
-        raise ConfigError(f"{path}: {where}.timeout: must be a positive number of seconds")
+    if not 0 < spec.timeout < math.inf:
+        raise ConfigError(f"{path}: {where}.timeout: must be a positive, finite number of seconds")
     if spec.max_retries < 0:
         raise ConfigError(f"{path}: {where}.max_retries: must be >= 0")
 
@@ -317,8 +318,12 @@ def check_pair_values(spec: PairSpec, where) -> None:
     """Range checks shared by the file loader and command-line overrides."""
     if not spec.delimiter:
         raise ConfigError(f"{where('delimiter')}: must not be empty")
-    if spec.temperature < 0:
-        raise ConfigError(f"{where('temperature')}: must be >= 0")
+    # NaN compares false with everything: a threshold of NaN would route every step one way silently.
+    for key in ("tau", "step_entropy_threshold", "step_perplexity_threshold"):
+        if math.isnan(getattr(spec, key)):
+            raise ConfigError(f"{where(key)}: must be a number (inf and -inf are allowed), not NaN")
+    if not (0 <= spec.temperature < math.inf):
+        raise ConfigError(f"{where('temperature')}: must be a finite number >= 0")
     if not 0 < spec.top_p <= 1:
         raise ConfigError(f"{where('top_p')}: must be in (0, 1]")
     if not 0 <= spec.large_share <= 1:
@@ -389,6 +394,8 @@ def _convert(value: Any, hint: Any, path: Path, where: str) -> Any:
 
 def _check(value: Any, kind: type, path: Path, where: str) -> Any:
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isnan(value):  # YAML's .nan: no setting of glimp means anything at NaN
+            raise ConfigError(f"{path}: {where}: expected a number, got NaN")
         return float(value)
     if kind is float and isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", ".inf", "-.inf"):
         return float(value.strip().lower().replace(".", ""))
