@@ -462,7 +462,9 @@ def test_write_changes_tau_adds_the_calibration_and_keeps_comments_and_other_ent
 
 
 def test_write_adds_a_full_entry_for_a_pair_that_lives_in_the_packaged_file(tmp_path: Path, no_models) -> None:
-    traces = write_traces(tmp_path / "r.jsonl")
+    default = load_registry(packaged_config()).pair("default")
+    # Traces of the packaged default pair's own models, whatever they are.
+    traces = retrace(write_traces(tmp_path / "r.jsonl"), models={"small": default.small, "large": default.large})
     user = tmp_path / "xdg" / "glimp" / "models.yaml"  # the user file, as glimp ask finds it
     user.parent.mkdir(parents=True)
     user.write_text("# mine\npairs:\n  other:\n    small: smollm2-135m\n    large: gemma3-270m\n")
@@ -473,8 +475,7 @@ def test_write_adds_a_full_entry_for_a_pair_that_lives_in_the_packaged_file(tmp_
     text = user.read_text()
     assert text.startswith("# mine\n") and "other:" in text
     # The traces' settings that the packaged entry does not hold are written with tau.
-    differs = {key: getattr(PAIR, key) for key in cal.MEASURED_KEYS
-               if getattr(PAIR, key) != getattr(load_registry(packaged_config()).pair("default"), key)}
+    differs = {key: getattr(PAIR, key) for key in cal.MEASURED_KEYS if getattr(PAIR, key) != getattr(default, key)}
     assert differs  # the fake traces step at 256 tokens, the packaged pair at 128
     written = yaml.safe_load(text)["pairs"]["default"]
     assert {k: v for k, v in written.items() if k != "calibration"} == {**packaged, "tau": 1.5, **differs}
