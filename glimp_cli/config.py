@@ -8,6 +8,7 @@ top of it, its entries replacing packaged entries of the same name.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -92,6 +93,33 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class CalibrationRecord:
+    """Where a pair's tau came from, as `glimp calibrate --write` stored it (read by people, not the loop).
+
+    `large_share` is the share of steps the tau was picked to send to the large model (by
+    `--large-share`, or the sweep share of the tau an `objective` chose); `steps` the number of
+    recorded H_init values; the rest names the questions or traces they came from and the settings
+    they were measured with.
+    """
+
+    tau: float
+    steps: int
+    large_share: float | None = None
+    objective: str | None = None
+    mode: str = "small"
+    questions: str | None = None
+    traces: str | None = None
+    small: str | None = None
+    large: str | None = None
+    estimator: str | None = None
+    delimiter: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_step_tokens: int | None = None
+    date: str | None = None
+
+
+@dataclass(frozen=True)
 class PairSpec:
     """A small/large pair and its routing and sampling settings."""
 
@@ -111,6 +139,7 @@ class PairSpec:
     # Thresholds of the draft-then-verify baselines (modes step_entropy, step_perplexity).
     step_entropy_threshold: float = 1.0
     step_perplexity_threshold: float = 3.0
+    calibration: CalibrationRecord | None = None  # written by `glimp calibrate --write`
 
 
 @dataclass
@@ -270,8 +299,8 @@ def _check_remote(spec: ModelSpec, path: Path, where: str, prompt_where: str) ->
     if spec.prompt.style != "plain":
         raise ConfigError(f"{path}: {prompt_where}.style: backend openai needs style: plain with the chat "
                           "template written out (glimp cannot read the served model's template)")
-    if spec.timeout <= 0:
-        raise ConfigError(f"{path}: {where}.timeout: must be a positive number of seconds")
+    if not 0 < spec.timeout < math.inf:
+        raise ConfigError(f"{path}: {where}.timeout: must be a positive, finite number of seconds")
     if spec.max_retries < 0:
         raise ConfigError(f"{path}: {where}.max_retries: must be >= 0")
 
@@ -346,6 +375,12 @@ def _pair(name: str, raw: Any, path: Path) -> PairSpec:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {where}.estimator: {exc}") from None
     check_pair_values(spec, lambda key: f"{path}: {where}.{key}")
+    record = spec.calibration
+    if record is not None:
+        if record.steps < 1:
+            raise ConfigError(f"{path}: {where}.calibration.steps: must be a positive integer")
+        if record.large_share is not None and not 0 <= record.large_share <= 1:
+            raise ConfigError(f"{path}: {where}.calibration.large_share: must be between 0 and 1")
     return spec
 
 
@@ -353,8 +388,12 @@ def check_pair_values(spec: PairSpec, where) -> None:
     """Range checks shared by the file loader and command-line overrides."""
     if not spec.delimiter:
         raise ConfigError(f"{where('delimiter')}: must not be empty")
-    if spec.temperature < 0:
-        raise ConfigError(f"{where('temperature')}: must be >= 0")
+    # NaN compares false with everything: a threshold of NaN would route every step one way silently.
+    for key in ("tau", "step_entropy_threshold", "step_perplexity_threshold"):
+        if math.isnan(getattr(spec, key)):
+            raise ConfigError(f"{where(key)}: must be a number (inf and -inf are allowed), not NaN")
+    if not (0 <= spec.temperature < math.inf):
+        raise ConfigError(f"{where('temperature')}: must be a finite number >= 0")
     if not 0 < spec.top_p <= 1:
         raise ConfigError(f"{where('top_p')}: must be in (0, 1]")
     if not 0 <= spec.large_share <= 1:
@@ -430,6 +469,8 @@ def _convert(value: Any, hint: Any, path: Path, where: str) -> Any:
 
 def _check(value: Any, kind: type, path: Path, where: str) -> Any:
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isnan(value):  # YAML's .nan: no setting of glimp means anything at NaN
+            raise ConfigError(f"{path}: {where}: expected a number, got NaN")
         return float(value)
     if kind is float and isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", ".inf", "-.inf"):
         return float(value.strip().lower().replace(".", ""))
