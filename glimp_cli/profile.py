@@ -29,6 +29,7 @@ PREFILL_REPEATS = 3
 PROBE_REPEATS = 16
 # Below this share of large-alone's time saved at best (an all-small trace), routing "saves little".
 LITTLE_SAVING = 0.25
+GPU_LIKE = 10  # prefill / decode of the large model from which its catch-up is nearly free (GPUs: 10-100x)
 SAMPLE_QUESTION = ("Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes "
                    "muffins for her friends every day with four. She sells the remainder at the farmers' market "
                    "daily for $2 per fresh duck egg. How much in dollars does she make every day?")
@@ -135,9 +136,10 @@ class Profile:
             return (f"On this machine routing saves large-model tokens but little wall time: {ratio}, so glimp is "
                     f"at best {best:.2f}x large alone (all steps small) and faster only below a large share of "
                     f"{self.break_even:.2f}.")
-        return (f"On this machine routing saves both large-model tokens and wall time (GPU-like: the large model's "
-                f"prefill is {large.prefill / large.decode:.0f}x its decode): glimp can reach {best:.2f}x large "
-                f"alone and is faster below a large share of {self.break_even:.2f}.")
+        like = " (GPU-like)" if large.prefill >= GPU_LIKE * large.decode else ""
+        return (f"On this machine routing saves both large-model tokens and wall time{like}: the large model's "
+                f"catch-up prefill is {large.prefill / large.decode:.1f}x its decode, so glimp can reach {best:.2f}x "
+                f"large alone and is faster below a large share of {self.break_even:.2f}.")
 
     def to_dict(self) -> dict:
         """Plain data (the `--json` output)."""
