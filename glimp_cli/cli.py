@@ -481,6 +481,38 @@ def calibrate(
             raise typer.Exit(status)
 
 
+@app.command()
+def profile(
+    pair: Optional[str] = PairOpt,
+    config: Optional[Path] = ConfigOpt,
+    step_tokens: int = typer.Option(40, "--step-tokens", min=1, help="Tokens per reasoning step: the catch-up batch measured, and tokens per probe in the bound."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rates, the bound and the verdict as one JSON object."),
+):
+    """Measure this machine's decode, catch-up prefill and probe costs, and the latency glimp can reach.
+
+    Takes a few seconds after the models load. Prints glimp's time relative to large alone at large shares 0 to 1, the break-even share, and whether routing saves wall time here or only large-model tokens.
+    """
+    with user_errors():
+        from glimp_cli.config import load_registry
+        from glimp_cli.engine import Engine
+        from glimp_cli.profile import profile_engine, render_profile
+
+        registry = load_registry(config)
+        pair_spec = registry.pair(pair)
+        engine = Engine.load(registry, pair_spec, {"small", "large"})
+        try:
+            measured = profile_engine(engine, step_tokens)
+        finally:
+            engine.close()
+        if as_json:
+            sys.stdout.write(json.dumps(measured.to_dict(), ensure_ascii=False) + "\n")
+        else:
+            out = Console(highlight=False)
+            if not out.is_terminal and "COLUMNS" not in os.environ:
+                out.width = max(out.width, 120)  # a log or pipe: the tables on one line each
+            out.print(render_profile(measured))
+
+
 def version_callback(value: bool):
     if value:
         typer.echo(f"glimp {__version__}")
