@@ -94,8 +94,15 @@ class Thresholds:
     adaptive_tau: float
 
 
-def plan_runs(pair: PairSpec, th: Thresholds, runs_dir: Path, adaptive_share: float = ADAPTIVE_SHARE) -> list[BenchRun]:
-    """Every run, in the order each question goes through them (a random run after its glimp run)."""
+def plan_runs(pair: PairSpec, th: Thresholds, runs_dir: Path, adaptive_share: float = ADAPTIVE_SHARE,
+              step_shares: tuple | None = None) -> list[BenchRun]:
+    """Every run, in the order each question goes through them (a random run after its glimp run).
+
+    The step-level signals run at `step_shares` (default: every share of the glimp runs).
+    """
+    def stepped(table: dict) -> list:
+        return sorted(s for s in table if step_shares is None or s in step_shares)
+
     def run(label, family, path, target=None, matched=None, **changes) -> BenchRun:
         return BenchRun(label, family, dataclasses.replace(pair, mode=family, **changes), runs_dir / path,
                         target, matched)
@@ -106,11 +113,11 @@ def plan_runs(pair: PairSpec, th: Thresholds, runs_dir: Path, adaptive_share: fl
         glimp = run(f"glimp {name}", "glimp", f"glimp-tau{tau:.4f}.jsonl", share, tau=tau)
         runs += [glimp, run(f"random ~ glimp {name}", "random", f"random-glimp-tau{tau:.4f}.jsonl", share,
                             matched=glimp.label, tau=tau)]
-    for share in sorted(th.entropy):
+    for share in stepped(th.entropy):
         t = th.entropy[share]
         runs.append(run(f"step_entropy {share:.0%}", "step_entropy", f"step_entropy-{t:.4f}.jsonl", share,
                         step_entropy_threshold=t))
-    for share in sorted(th.perplexity):
+    for share in stepped(th.perplexity):
         t = th.perplexity[share]
         runs.append(run(f"step_perplexity {share:.0%}", "step_perplexity", f"step_perplexity-{t:.4f}.jsonl",
                         share, step_perplexity_threshold=t))
@@ -486,6 +493,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration", type=Path, help="calibration questions (default: the shipped set)")
     p.add_argument("--calibration-questions", type=int, help="use only the first N calibration questions")
     p.add_argument("--shares", default=",".join(map(str, SHARES)), help="calibration large shares (default %(default)s)")
+    p.add_argument("--step-shares", help="shares to run step_entropy/step_perplexity at (default: every --shares)")
     p.add_argument("--taus", help="glimp taus for --shares, comma-separated, instead of calibrating them")
     p.add_argument("--adaptive-share", type=float, default=ADAPTIVE_SHARE)
     p.add_argument("--max-tokens", type=int, help="token budget per trace (default: the pair's); e.g. small for a smoke run")
@@ -538,7 +546,10 @@ def main(argv: list[str] | None = None) -> int:
         th = calibrate_thresholds(cal_questions, pair, None if args.report else lambda policy: models.router(policy),
                                   runs_dir / "calibration", shares, args.adaptive_share, taus,
                                   lambda line: console.print(line, markup=False))
-        runs = plan_runs(pair, th, runs_dir, args.adaptive_share)
+        step_shares = _floats(args.step_shares, "step shares") if args.step_shares else None
+        if step_shares and not set(step_shares) <= set(shares):
+            raise UsageError("--step-shares must be among --shares")
+        runs = plan_runs(pair, th, runs_dir, args.adaptive_share, step_shares)
         console.print("thresholds: " + "; ".join(
             f"{s:.0%}: tau {th.taus[s]:.4g}, H> {th.entropy[s]:.4g}, ppl> {th.perplexity[s]:.4g}" for s in shares)
             + f"; adaptive tau0 {th.adaptive_tau:.4g}", markup=False)
