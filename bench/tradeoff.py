@@ -6,7 +6,12 @@ steps to the large model, random routing at each glimp run's reached share, the 
 (step_entropy, step_perplexity) at thresholds picked for the same shares on the calibration drafts, and
 adaptive at 35%, on held-out GSM8K test questions, greedy. Every run is a `glimp batch` results file in
 --runs-dir; questions go one at a time through every run (question-major), so a noisy shared machine
-slows all runs alike; a rerun resumes where the last stopped, and `--report` prints the tables alone.
+slows all runs alike; a rerun resumes where the last stopped (Ctrl-C or a kill loses only the trace in
+flight), and `--report` prints the tables from whatever has finished, loading no model.
+
+The rates `glimp profile` measures are re-measured every --profile-every questions, and each record's
+latency is set against the bound for its own work at the rates measured last before it.
+A smoke run on the fast pair: `--pair tiny --questions 3 --calibration-questions 6 --max-tokens 96`.
 """
 
 from __future__ import annotations
@@ -45,7 +50,6 @@ SHARES = (0.2, 0.35, 0.5)
 ADAPTIVE_SHARE = 0.35
 # Drafts the large model rewrites are judged at these step ends (see router.write_small).
 JUDGED_STOPS = frozenset({"delimiter", "max_step_tokens", "max_tokens", "repetition"})
-FAMILIES = ("small", "large", "glimp", "random", "step_entropy", "step_perplexity", "adaptive")
 
 
 # --- the runs -----------------------------------------------------------------------------------
@@ -56,7 +60,7 @@ class BenchRun:
     """One policy on the evaluation questions, into its own results file."""
 
     label: str
-    family: str  # one of FAMILIES (the batch mode, too)
+    family: str  # small, large, glimp, random, step_entropy, step_perplexity or adaptive (its batch mode)
     pair: PairSpec  # the pair with this run's mode and threshold
     path: Path
     target: float | None = None  # the calibration share its threshold was picked for
@@ -117,7 +121,11 @@ def plan_runs(pair: PairSpec, th: Thresholds, runs_dir: Path, adaptive_share: fl
     runs.append(run(f"adaptive {adaptive_share:.0%}", "adaptive",
                     f"adaptive-share{adaptive_share:.2f}-tau{th.adaptive_tau:.4f}.jsonl", adaptive_share,
                     tau=th.adaptive_tau, large_share=adaptive_share))
-    return runs
+    # Ties in the calibration record can give two shares one threshold: that is one run, not two.
+    unique = {}
+    for r in runs:
+        unique.setdefault(r.path, r)
+    return list(unique.values())
 
 
 @dataclass

@@ -149,6 +149,13 @@ def test_plan_runs_puts_each_random_run_after_its_glimp_run_with_its_own_file(tm
     assert runs[6].policy().name.startswith("adaptive(large_share=0.5")
 
 
+def test_two_shares_with_one_threshold_are_one_run(tmp_path):
+    tied = tradeoff.Thresholds({0.2: 1.0, 0.35: 1.0}, {0.2: 0.5, 0.35: 0.7}, {0.2: 2.0, 0.35: 2.0}, 1.0)
+    runs = tradeoff.plan_runs(PAIR, tied, tmp_path, adaptive_share=0.35)
+    assert [r.label for r in runs] == ["small alone", "large alone", "glimp 20%", "random ~ glimp 20%",
+                                       "step_entropy 20%", "step_entropy 35%", "step_perplexity 20%", "adaptive 35%"]
+
+
 def test_tradeoff_rows_and_paired_comparisons(tmp_path):
     runs = runs_in(tmp_path)
     by = {r.family: r for r in runs}
