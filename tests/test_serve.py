@@ -179,3 +179,224 @@ def test_a_refused_conversation_says_what_the_pair_prompt_formats_are():
         parse_request("chat", {**CHAT, "messages": [{"role": "system", "content": "x"}, *CHAT["messages"]]}, PAIRS)
     assert "s: its chat template with the prompt's own system turn" in caught.value.message
     assert "l: a plain template" in caught.value.message
+
+
+# --- a real server ----------------------------------------------------------------------------
+
+# Budgets that keep each trace short but give both models a step on QUESTION.
+MAX_TOKENS, MAX_STEP_TOKENS = 48, 32
+QUESTION = GSM8K_QUESTIONS[0]
+KEY_ENV, KEY = "GLIMP_SERVE_TEST_KEY", "test-key-123"
+START_SECONDS = 180  # loading on a busy shared machine can be slow
+REQUEST_SECONDS = 180
+
+
+def tiny_pair() -> str:
+    """The packaged pair of SmolLM2-135M and Gemma 3 270M: `tiny`, or `default` before it was renamed."""
+    pairs = load_registry().pairs
+    return "tiny" if "tiny" in pairs else "default"
+
+
+@pytest.fixture(scope="module")
+def one_thread(tmp_path_factory) -> Path:
+    """The packaged models.yaml with the tiny pair's models on one thread each."""
+    config = yaml.safe_load(packaged_config().read_text(encoding="utf-8"))
+    pair = config["pairs"][tiny_pair()]
+    for role in ("small", "large"):
+        config["models"][pair[role]]["threads"] = 1
+    path = tmp_path_factory.mktemp("config") / "models.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GLIMP_")}
+    return {**env, **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `glimp serve` process on 127.0.0.1 at a free port, ready when /health answers."""
+
+    def __init__(self, log_path: Path, config: Path, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "glimp_cli", "serve", "--config", str(config), "--pair", tiny_pair(),
+             "--port", str(self.port), "--max-tokens", str(MAX_TOKENS), "--max-step-tokens", str(MAX_STEP_TOKENS),
+             *args], stdout=self.log, stderr=subprocess.STDOUT, env=env or clean_env())
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            assert self.proc.poll() is None, f"glimp serve exited: {self.output()}"
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"glimp serve did not start: {self.output()}"
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_SECONDS)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.read(), dict(response.getheaders())
+        finally:
+            conn.close()
+
+    def get(self, path: str):
+        status, data, _ = self.request("GET", path)
+        return status, json.loads(data)
+
+    def load(self) -> dict:
+        return self.get("/health")[1]["load"][tiny_pair()]
+
+    def wait_load(self, what, seconds: float = REQUEST_SECONDS) -> dict:
+        deadline = time.monotonic() + seconds
+        while True:
+            load = self.load()
+            if what(load):
+                return load
+            assert time.monotonic() < deadline, f"load never reached the expected state: {load}"
+            time.sleep(0.05)
+
+    def client(self, key: str = "unused"):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=REQUEST_SECONDS)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, one_thread):
+    """One worker, a queue of one, a small body limit."""
+    srv = Server(tmp_path_factory.mktemp("serve") / "serve.log", one_thread, "--workers", "1", "--queue", "1",
+                 "--max-body-bytes", "20000")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory, one_thread):
+    """Two workers, a queue of two, an API key."""
+    srv = Server(tmp_path_factory.mktemp("serve-auth") / "serve.log", one_thread, "--workers", "2", "--queue", "2",
+                 "--api-key-env", KEY_ENV, env=clean_env(**{KEY_ENV: KEY}))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def asked(tmp_path_factory, one_thread) -> dict:
+    """`glimp ask --json` on QUESTION with the server's settings."""
+    result = subprocess.run(
+        [sys.executable, "-m", "glimp_cli", "ask", QUESTION, "--json", "--config", str(one_thread), "--pair",
+         tiny_pair(), "--max-tokens", str(MAX_TOKENS), "--max-step-tokens", str(MAX_STEP_TOKENS)],
+        capture_output=True, text=True, env=clean_env(), timeout=REQUEST_SECONDS)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def model_id(mode: str | None = None) -> str:
+    return f"glimp/{tiny_pair()}" + (f":{mode}" if mode else "")
+
+
+def chat(client, question=QUESTION, **kwargs):
+    return client.chat.completions.create(model=kwargs.pop("model", model_id()),
+                                          messages=[{"role": "user", "content": question}], **kwargs)
+
+
+def steps_view(steps) -> list[tuple]:
+    return [(s["index"], s["model"], s["text"], s["tokens"], s["stop_reason"]) for s in steps]
+
+
+def check_stream(chunks, glimp_steps, content_of) -> str:
+    """The streamed text; each step announced once, in order, by the chunk whose text starts it."""
+    text, starts, pieces = "", [], {}
+    for chunk in chunks:
+        extra = chunk.model_extra or {}
+        start = (extra.get("glimp") or {}).get("step_start")
+        if start:
+            starts.append(start)
+        piece = content_of(chunk) or ""
+        if starts:
+            pieces[starts[-1]["index"]] = pieces.get(starts[-1]["index"], "") + piece
+        else:
+            assert not piece, "text before any step was announced"
+        text += piece
+    assert [(s["index"], s["model"]) for s in starts] == [(s["index"], s["model"]) for s in glimp_steps]
+    assert [s["h_init"] for s in starts] == pytest.approx([s["h_init"] for s in glimp_steps], abs=1e-9)
+    assert [pieces.get(s["index"], "") for s in glimp_steps] == \
+        [("\n\n" if s["index"] else "") + s["text"] for s in glimp_steps]
+    return text
+
+
+@pytest.mark.real
+def test_chat_and_completions_streamed_or_not_give_the_trace_glimp_ask_writes(server, asked):
+    client = server.client()
+    expected = "\n\n".join(s["text"] for s in asked["steps"])
+    assert {s["model"] for s in asked["steps"]} == {"small", "large"}, "QUESTION should use both models"
+
+    whole = chat(client, temperature=0)
+    glimp = whole.model_extra["glimp"]
+    assert whole.choices[0].message.content == expected
+    assert whole.choices[0].finish_reason == ("length" if asked["stop_reason"] in ("max_tokens", "context_full") else "stop")
+    assert steps_view(glimp["steps"]) == steps_view(asked["steps"])
+    assert [s["h_init"] for s in glimp["steps"]] == pytest.approx([s["h_init"] for s in asked["steps"]], abs=1e-3)
+    assert (glimp["pair"], glimp["tau"], glimp["mode"], glimp["stop_reason"], glimp["answer_text"]) == \
+        (asked["pair"], asked["tau"], asked["mode"], asked["stop_reason"], asked["answer_text"])
+    assert glimp["summary"]["large_share_steps"] == pytest.approx(asked["summary"]["large_share_steps"])
+    assert whole.usage.completion_tokens == sum(s["tokens"] for s in asked["steps"])
+    assert whole.usage.prompt_tokens > 0
+
+    chunks = list(chat(client, temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1
+    assert check_stream(chunks, glimp["steps"], lambda c: c.choices[0].delta.content if c.choices else None) == expected
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1]
+    assert steps_view(final.model_extra["glimp"]["steps"]) == steps_view(asked["steps"])
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and not chunks[-1].choices
+
+    text = client.completions.create(model=model_id(), prompt=QUESTION, temperature=0)
+    assert text.choices[0].text == expected
+    assert steps_view(text.model_extra["glimp"]["steps"]) == steps_view(asked["steps"])
+    chunks = list(client.completions.create(model=model_id(), prompt=QUESTION, temperature=0, stream=True))
+    assert check_stream(chunks, glimp["steps"], lambda c: c.choices[0].text if c.choices else None) == expected
+
+
+@pytest.mark.real
+def test_models_lists_each_pair_and_its_modes_and_overrides_reach_the_router(server):
+    client = server.client()
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == model_id() and model_id("large") in ids and model_id("small") in ids
+    assert client.models.retrieve(model_id("large")).model_extra["glimp"]["mode"] == "large"
+    large = chat(client, model=model_id("large"), max_tokens=12)
+    g = large.model_extra["glimp"]
+    assert g["mode"] == "large" and {s["model"] for s in g["steps"]} == {"large"}
+    assert all(s["h_init"] is None for s in g["steps"]) and sum(s["tokens"] for s in g["steps"]) <= 12
+    small = chat(client, max_tokens=12, extra_body={"mode": "glimp", "tau": 100.0})
+    g = small.model_extra["glimp"]
+    assert g["tau"] == 100.0 and g["policy"] == "glimp(tau=100)"
+    assert [s["model"] for s in g["steps"]][:-1] == ["small"] * (len(g["steps"]) - 1)
+    cut = chat(client, stop=[" "], temperature=0)
+    assert cut.choices[0].message.content == chat(client, temperature=0).choices[0].message.content.split(" ")[0]
+    assert cut.model_extra["glimp"]["stop_reason"] == "request_stop"
