@@ -251,7 +251,7 @@ class Server:
         try:
             conn.request(method, path, body=body, headers=headers or {})
             response = conn.getresponse()
-            return response.status, response.read(), dict(response.getheaders())
+            return response.status, response.read(), {k.lower(): v for k, v in response.getheaders()}
         finally:
             conn.close()
 
@@ -400,3 +400,309 @@ def test_models_lists_each_pair_and_its_modes_and_overrides_reach_the_router(ser
     cut = chat(client, stop=[" "], temperature=0)
     assert cut.choices[0].message.content == chat(client, temperature=0).choices[0].message.content.split(" ")[0]
     assert cut.model_extra["glimp"]["stop_reason"] == "request_stop"
+
+
+def long_question() -> str:
+    """A question whose prompt keeps a worker in prefill for a moment (about 500 tokens)."""
+    return " ".join(GSM8K_QUESTIONS) * 2
+
+
+@pytest.mark.real
+def test_a_full_queue_answers_503_and_a_client_that_leaves_frees_its_worker(server, asked):
+    client = server.client()
+    before = server.load()
+    # One worker busy (in the prefill of a long prompt) and one request waiting fill this server.
+    running = chat(client, long_question(), stream=True, max_tokens=8)
+    waiting: dict = {}
+
+    def wait_in_queue():
+        try:
+            waiting["stream"] = chat(client, stream=True)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            waiting["error"] = exc
+
+    thread = threading.Thread(target=wait_in_queue)
+    thread.start()
+    server.wait_load(lambda load: load["busy"] == 1 and load["waiting"] == 1)
+    status, data, headers = server.request("POST", "/v1/chat/completions", json.dumps(
+        {"model": model_id(), "messages": [{"role": "user", "content": QUESTION}]}).encode(),
+        {"Content-Type": "application/json"})
+    assert status == 503 and int(headers["retry-after"]) >= 1
+    assert json.loads(data)["error"]["code"] == "server_overloaded"
+    running.close()  # hang up while the worker is still in the prefill
+    thread.join(REQUEST_SECONDS)
+    assert "error" not in waiting, waiting.get("error")
+    # The waiting request now runs; leave it after its first piece of text, mid-trace.
+    for chunk in waiting["stream"]:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    waiting["stream"].close()
+    load = server.wait_load(lambda load: load["busy"] == 0 and load["waiting"] == 0)
+    assert load["disconnected"] - before["disconnected"] == 2, "both abandoned traces must be stopped, not finished"
+    assert load["done"] == before["done"]
+    # The worker is free and its models start clean: the next answer is the one a fresh process gives.
+    again = chat(client, temperature=0)
+    assert again.choices[0].message.content == "\n\n".join(s["text"] for s in asked["steps"])
+
+
+@pytest.mark.real
+def test_several_clients_at_once_are_all_answered_none_mixed(auth_server):
+    client = auth_server.client(KEY)
+    questions = GSM8K_QUESTIONS[1:5]  # four requests: two workers busy, two waiting
+    results: dict[int, list] = {}
+
+    def ask(i: int) -> None:
+        results[i] = list(chat(client, questions[i], stream=True, max_tokens=16, temperature=0))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(REQUEST_SECONDS * 2)
+    assert sorted(results) == list(range(len(questions)))
+    for i, question in enumerate(questions):
+        chunks = results[i]
+        assert len({c.id for c in chunks}) == 1, "one request's chunks carry one id"
+        final = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1].model_extra["glimp"]
+        streamed = check_stream(chunks, final["steps"], lambda c: c.choices[0].delta.content if c.choices else None)
+        alone = chat(client, question, max_tokens=16, temperature=0)
+        assert streamed == alone.choices[0].message.content
+        assert steps_view(final["steps"]) == steps_view(alone.model_extra["glimp"]["steps"])
+
+
+@pytest.mark.real
+def test_with_an_api_key_every_v1_route_needs_it_but_the_page_and_health(auth_server):
+    import openai
+
+    with pytest.raises(openai.AuthenticationError) as caught:
+        auth_server.client("wrong").models.list()
+    assert caught.value.body["code"] == "invalid_api_key"
+    for path, method in [("/v1/models", "GET"), ("/v1/chat/completions", "POST"), ("/v1/completions", "POST")]:
+        status, data, headers = auth_server.request(method, path, b"{}")
+        assert status == 401 and json.loads(data)["error"]["code"] == "invalid_api_key"
+        assert headers["www-authenticate"] == "Bearer"
+    assert [m.id for m in auth_server.client(KEY).models.list().data][0] == model_id()
+    assert auth_server.request("GET", "/")[0] == 200
+    status, health = auth_server.get("/health")
+    assert status == 200 and health["auth"] is True
+
+
+@pytest.mark.real
+def test_bad_input_gets_openai_error_json_with_its_status(server):
+    import openai
+
+    client = server.client()
+    json_headers = {"Content-Type": "application/json"}
+    assert server.get("/health")[1]["auth"] is False
+    cases = [
+        ("POST", "/v1/chat/completions", b'{"model": "x", "messages": [', 400, "invalid_json"),
+        ("POST", "/v1/chat/completions", b"", 400, None),
+        ("POST", "/v1/chat/completions", b"[1, 2]", 400, None),
+        ("POST", "/v1/chat/completions", json.dumps({"model": model_id(), "pad": "x" * 30000}).encode(), 413,
+         "request_too_large"),
+        ("GET", "/v1/nothing-here", None, 404, "not_found"),
+        ("GET", "/v1/chat/completions", None, 405, "method_not_allowed"),
+    ]
+    for method, path, body, status, code in cases:
+        got, data, _ = server.request(method, path, body, json_headers)
+        error = json.loads(data)["error"]
+        assert (got, error["code"]) == (status, code) if code else got == status, (path, body[:40] if body else None, data)
+        assert error["message"] and "Traceback" not in error["message"]
+    with pytest.raises(openai.NotFoundError) as caught:
+        chat(client, model="glimp/no-such-pair")
+    assert caught.value.body["code"] == "model_not_found"
+    for kwargs, param in [({"n": 2}, "n"), ({"temperature": 5}, "temperature"), ({"max_tokens": -3}, "max_tokens"),
+                          ({"extra_body": {"tau": "high"}}, "tau"), ({"extra_body": {"mode": "fast"}}, "mode")]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            chat(client, **kwargs)
+        assert caught.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=model_id(), messages=[{"role": "system", "content": "Be brief."},
+                                                                   {"role": "user", "content": QUESTION}])
+    assert "system message cannot be expressed" in caught.value.message
+    # Prompts that cannot fit the 2048-token contexts: a 400 before any generation, streamed or not.
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as caught:
+            chat(client, "eleven " * 2500, stream=stream)
+        assert caught.value.body["code"] == "context_length_exceeded" and "context of 2048" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(client, max_tokens=4000)
+    assert caught.value.body["code"] == "context_length_exceeded" and caught.value.body["param"] == "max_tokens"
+    assert "Traceback" not in server.output()
+
+
+class Chromium:
+    """Headless Chromium driven over --remote-debugging-pipe: CDP messages on fds 3 and 4, NUL-separated."""
+
+    FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage")
+
+    def __init__(self, executable: str, profile: Path, width: int = 1000, height: int = 1300):
+        import fcntl
+
+        to_chrome, self._to = os.pipe()
+        self._from, from_chrome = os.pipe()
+        # Above fd 4, so that putting them on 3 and 4 cannot overwrite one with the other.
+        low = (to_chrome, from_chrome)
+        to_chrome, from_chrome = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in low)
+        for fd in low:
+            os.close(fd)
+        args = [executable, *self.FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
+                "--remote-debugging-pipe", "about:blank"]
+        # bash (dash takes one-digit fds only) puts the pipes where Chromium expects them, then becomes it.
+        self.proc = subprocess.Popen(["bash", "-c", f'exec "$0" "$@" 3<&{to_chrome} 4>&{from_chrome}', *args],
+                                     pass_fds=(to_chrome, from_chrome), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        os.close(to_chrome)
+        os.close(from_chrome)
+        self._buffer, self._id, self.session = b"", 0, None
+
+    def send(self, method: str, params: dict | None = None, browser: bool = False, timeout: float = 60):
+        import select
+
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params or {}}
+        if self.session and not browser:
+            message["sessionId"] = self.session
+        os.write(self._to, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._id:
+                    assert "error" not in reply, f"{method}: {reply['error']}"
+                    return reply["result"]
+            left = deadline - time.monotonic()
+            assert left > 0, f"Chromium did not answer {method}"
+            if select.select([self._from], [], [], left)[0]:
+                data = os.read(self._from, 1 << 20)
+                assert data, "Chromium exited"
+                self._buffer += data
+
+    def open(self, url: str) -> None:
+        target = self.send("Target.createTarget", {"url": "about:blank"}, browser=True)["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True}, browser=True)["sessionId"]
+        self.send("Page.enable")
+        self.send("Page.navigate", {"url": url})
+
+    def eval(self, expression: str):
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, seconds: float):
+        deadline = time.monotonic() + seconds
+        while not self.eval(expression):
+            assert time.monotonic() < deadline, f"the page never got to: {expression}"
+            time.sleep(0.1)
+
+    def click(self, selector: str) -> None:
+        box = self.eval(f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+                        " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1})
+
+    def screenshot(self) -> bytes:
+        return base64.b64decode(self.send("Page.captureScreenshot", {"format": "png"})["data"])
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close", browser=True, timeout=10)
+            self.proc.wait(20)
+        except (AssertionError, OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            os.close(self._to)
+            os.close(self._from)
+
+
+def colour_pixels(png: bytes, rgb: tuple[int, int, int], tolerance: int = 40) -> int:
+    """How many pixels of the screenshot are close to `rgb`."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    return sum(count for count, pixel in image.getcolors(image.width * image.height)
+               if all(abs(a - b) <= tolerance for a, b in zip(pixel, rgb)))
+
+
+@pytest.mark.real
+def test_the_page_streams_coloured_steps_with_h_init_and_a_summary(server, asked, tmp_path):
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    browser = Chromium(executable, tmp_path / "profile")
+    try:
+        browser.open(server.url + "/")
+        browser.wait_for("document.getElementById('model') && document.getElementById('model').options.length > 0", 60)
+        assert browser.eval("document.getElementById('model').value") == model_id()
+        blank = browser.screenshot()
+        browser.eval("document.getElementById('question').focus()")
+        browser.send("Input.insertText", {"text": QUESTION})
+        browser.click("#go")
+        browser.wait_for("['done', 'error'].includes(document.body.dataset.state)", REQUEST_SECONDS)
+        errors = browser.eval("[...document.querySelectorAll('.error')].map(e => e.textContent)")
+        assert not errors, errors
+        steps = browser.eval("""[...document.querySelectorAll('.step')].map(e => ({
+            model: e.dataset.model, h: e.dataset.hInit, head: e.querySelector('header').textContent,
+            text: e.querySelector('.text').textContent, colour: getComputedStyle(e.querySelector('.text')).color,
+            foot: (e.querySelector('footer') || {}).textContent}))""")
+        summary = browser.eval("document.getElementById('summary').innerText")
+        shot = browser.screenshot()
+    finally:
+        browser.close()
+    (tmp_path / "page.png").write_bytes(shot)
+    assert [s["model"] for s in steps] == [s["model"] for s in asked["steps"]]
+    assert [s["text"] for s in steps] == [s["text"].lstrip() for s in asked["steps"]]
+    for shown, step in zip(steps, asked["steps"]):
+        h = "-" if step["h_init"] is None else f"{step['h_init']:.2f}"
+        assert shown["head"] == f"step {step['index'] + 1} · {step['model']} · H_init {h} nats"
+        assert shown["foot"].startswith(f"{step['tokens']} tokens")
+    colours = {s["model"]: s["colour"] for s in steps}
+    assert colours == {"small": "rgb(14, 143, 168)", "large": "rgb(180, 39, 158)"}
+    assert "large share" in summary and "wall time" in summary and asked["stop_reason"] in summary
+    # The screenshot shows much more of both models' colours than the page before the question (its title).
+    for rgb in ((14, 143, 168), (180, 39, 158)):
+        assert colour_pixels(shot, rgb) - colour_pixels(blank, rgb) > 1000, f"no step in {rgb} rendered"
+
+
+def stop_mid_stream(srv: Server, sig: int, key: str = "unused") -> None:
+    """Stop a server by `sig` while one stream runs and one request waits: both end with an error, nothing hangs."""
+    import openai
+
+    client = srv.client(key)
+    stream = chat(client, stream=True, max_tokens=200, extra_body={"max_step_tokens": 128})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    outcome: dict = {}
+
+    def wait_in_queue():
+        try:
+            outcome["answer"] = chat(client, max_tokens=200)
+        except openai.APIStatusError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=wait_in_queue)
+    thread.start()
+    workers = srv.load()["workers"]
+    if workers == 1:
+        srv.wait_load(lambda load: load["waiting"] == 1)
+    srv.proc.send_signal(sig)
+    with pytest.raises(openai.APIError) as caught:
+        for _ in stream:
+            pass
+    assert "shutting down" in caught.value.message
+    thread.join(REQUEST_SECONDS)
+    if workers == 1:
+        assert outcome["error"].status_code == 503 and "shutting down" in outcome["error"].message
+    assert srv.proc.wait(60) == 0
+    assert f"stopped ({signal.Signals(sig).name})" in srv.output()
+    assert "Traceback" not in srv.output()
+
+
+@pytest.mark.real
+def test_sigterm_and_ctrl_c_stop_the_server_cleanly_and_in_flight_streams_end_with_an_error(server, auth_server):
+    stop_mid_stream(server, signal.SIGTERM)
+    stop_mid_stream(auth_server, signal.SIGINT, KEY)
