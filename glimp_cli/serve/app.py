@@ -134,6 +134,8 @@ async def complete(request: Request, kind: str, state: ServerState) -> Response:
             event = await _final_event(job)
             if event[0] == "error":
                 raise event[1]
+            if event[0] == "gone":
+                return Response(status_code=499)  # nobody reads it: the client has left
             return JSONResponse(completion_body(parsed, job.ident, int(time.time()), event[1]))
         first = await job.events.get()  # "started", or an error before any output: a plain error response
         if first[0] == "error":
@@ -154,16 +156,20 @@ async def complete(request: Request, kind: str, state: ServerState) -> Response:
 async def _final_event(job: Job) -> tuple:
     while True:
         event = await job.events.get()
-        if event[0] in ("done", "error"):
+        if event[0] in ("done", "error", "gone"):
             return event
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
-    """Until the answer starts, a client that hangs up cancels its job (the SSE response watches after)."""
+    """Until the answer starts, a client that hangs up cancels its job (the SSE response watches after).
+
+    A cancelled job may end without an event of its own, so the handler is woken with "gone".
+    """
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             job.cancel(DISCONNECTED)
+            job.events.put_nowait(("gone",))
             return
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -68,6 +69,9 @@ def run(options: ServeOptions) -> str:
         host, port = sock.getsockname()[:2]
         where = f"[{host}]" if ":" in host else host
         ids = ", ".join(p.model_ids()[0] for p in served.values())
+        if api_key is None and not _loopback(host):
+            options.log(f"glimp serve: warning: listening on {host} without --api-key-env: "
+                        "anyone who can reach this address can use the models")
         options.log(f"glimp serve: http://{where}:{port}/ ({ids}; {options.workers} worker(s) per pair, "
                     f"queue {options.queue_size}{', API key required' if api_key else ''}); Ctrl-C stops")
         server.run(sockets=[sock])
@@ -95,3 +99,10 @@ def _bind(host: str, port: int) -> socket.socket:
         return socket.create_server((host, port), family=family)
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

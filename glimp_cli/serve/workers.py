@@ -218,7 +218,8 @@ def trace_result(request: CompletionRequest, trace, policy, content: str, prompt
         record["stop_reason"] = "request_stop"
     record.update(pair=pair.name, small=pair.small, large=pair.large, tau=pair.tau, mode=pair.mode,
                   estimator=pair.estimator, extracted_answer=extract_answer(trace.answer_text) if trace.steps else None,
-                  timing=policy.timing, version=__version__, prompt_tokens=prompts)
+                  timing=policy.timing, version=__version__, prompt_tokens=prompts,
+                  large_share=record["summary"]["large_share_steps"])
     completion = sum(step.tokens for step in trace.steps)
     usage = {"prompt_tokens": sum(prompts.values()), "completion_tokens": completion,
              "total_tokens": sum(prompts.values()) + completion}
