@@ -181,6 +181,47 @@ def test_a_refused_conversation_says_what_the_pair_prompt_formats_are():
     assert "l: a plain template" in caught.value.message
 
 
+# --- the command line's edge ------------------------------------------------------------------
+
+def test_help_imports_no_web_framework_and_no_engine():
+    code = ("import sys; from glimp_cli.cli import main\n"
+            "for argv in (['glimp', '--help'], ['glimp', 'serve', '--help']):\n"
+            "    sys.argv = argv\n"
+            "    try:\n        main()\n    except SystemExit:\n        pass\n"
+            "heavy = [m for m in ('starlette', 'uvicorn', 'sse_starlette', 'llama_cpp', 'openai') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--api-key-env" in result.stdout and "serve" in result.stdout
+
+
+def test_serve_refuses_a_missing_key_variable_and_a_busy_port_in_one_line(monkeypatch):
+    from typer.testing import CliRunner
+
+    from glimp_cli.cli import app
+
+    monkeypatch.delenv("GLIMP_SERVE_NO_SUCH_KEY", raising=False)
+    result = CliRunner().invoke(app, ["serve", "--api-key-env", "GLIMP_SERVE_NO_SUCH_KEY"])
+    assert result.exit_code == 2
+    assert "glimp: error: --api-key-env GLIMP_SERVE_NO_SUCH_KEY: the environment variable" in result.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_serve_without_the_extra_says_what_to_install(monkeypatch):
+    from glimp_cli.errors import MissingExtraError
+    from glimp_cli.serve import ServeOptions, serve
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'glimp\[serve\]'"):
+        serve(ServeOptions(load_registry(), []))
+
+
 # --- a real server ----------------------------------------------------------------------------
 
 # Budgets that keep each trace short but give both models a step on QUESTION.
