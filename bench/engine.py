@@ -1,4 +1,4 @@
-"""Engine benchmark: glimp's overheads on the default pair, as ratios measured in one run.
+"""Engine benchmark: glimp's overheads on a pair (the tiny one unless --pair), as ratios measured in one run.
 
 Run from the repo root: `python bench/engine.py [questions.jsonl] [--questions 5] [--offset 0] [--max-tokens 256]`.
 Every figure is a ratio of two timings taken in this same process, so a busy machine slows both sides.
@@ -38,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--questions", type=int, default=5)
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--pair", default="tiny", help="pair of models.yaml (default: tiny, the pair bench/README.md reports)")
     return p.parse_args()
 
 
@@ -135,7 +136,7 @@ def main() -> None:
     args = parse_args()
     questions, _ = load_questions(args.data, limit=args.questions, offset=args.offset)
     registry = load_registry()
-    pair = dataclasses.replace(registry.pair(), max_tokens=args.max_tokens)
+    pair = dataclasses.replace(registry.pair(args.pair), max_tokens=args.max_tokens)
     engine = Engine.load(registry, pair, {SMALL, LARGE})
     glimp_router = engine.router(threshold(pair.tau), pair)
     large_router = engine.router(always_large(), pair)

@@ -1,4 +1,4 @@
-"""HTTP backend benchmark: the default pair in process vs behind two llama.cpp servers, same GSM8K questions.
+"""HTTP backend benchmark: a pair (tiny unless --pair) in process vs behind two llama.cpp servers, same GSM8K questions.
 
 Run from the repo root: `python bench/http_server.py [questions.jsonl] [--questions 5] [--batch-questions 8]`.
 Starts one `python -m llama_cpp.server` per model on 127.0.0.1 (free ports, every core, killed at the end)
@@ -49,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--questions", type=int, default=5, help="questions for the latency comparison")
     p.add_argument("--batch-questions", type=int, default=8, help="questions per throughput run")
     p.add_argument("--max-tokens", type=int, default=192)
+    p.add_argument("--pair", default="tiny", help="pair of models.yaml (default: tiny, the pair bench/README.md reports)")
     p.add_argument("--tau", type=float, default=2.5, help="threshold on the top-20 estimate (nats)")
     p.add_argument("--server-cache", action="store_true",
                    help="start the servers with --cache true (llama.cpp server's RAM cache of saved states)")
@@ -151,7 +152,7 @@ def main() -> None:
     questions, _ = load_questions(args.data, limit=args.questions)
     batch_questions, _ = load_questions(args.data, limit=args.batch_questions, offset=args.questions)
     registry = load_registry()
-    pair = dataclasses.replace(registry.pair(), estimator=f"topk:{K}", tau=args.tau, max_tokens=args.max_tokens)
+    pair = dataclasses.replace(registry.pair(args.pair), estimator=f"topk:{K}", tau=args.tau, max_tokens=args.max_tokens)
     specs = {role: registry.model(getattr(pair, role)) for role in (SMALL, LARGE)}
     local = {role: load_backend(specs[role]) for role in (SMALL, LARGE)}
     templates = {role: plain_template(specs[role], local[role]) for role in (SMALL, LARGE)}
@@ -212,7 +213,7 @@ def main() -> None:
         for backend in local.values():
             backend.close()
 
-    table = Table(title="glimp HTTP backend vs in process (default pair, greedy)",
+    table = Table(title=f"glimp HTTP backend vs in process (pair {args.pair}, greedy)",
                   caption=f"GSM8K {args.data.name}, max {args.max_tokens} tokens | servers: llama_cpp.server, "
                           f"{threads} threads each, --logits_all true (small) / false (large)"
                           f"{', --cache true' if args.server_cache else ''} | {os.cpu_count()} CPUs, "

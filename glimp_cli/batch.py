@@ -3,11 +3,14 @@
 Each finished (question, mode) is one line, written with flush + fsync before the next question
 starts, so a crash or Ctrl-C loses at most the question in flight and never leaves half a record
 that later lines build on. Resuming reads the file back, drops a torn last line, checks that the
-run settings are the same, and skips every (id, mode) already present.
+run settings and the question texts are the same, and skips every (id, mode) already present.
+One process writes a results file at a time: it holds an exclusive lock on it for the whole run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl  # POSIX only (Linux, macOS): the results-file lock below is an flock
 import json
 import os
 import tempfile
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
 from glimp_cli import __version__
-from glimp_cli.config import PairSpec
+from glimp_cli.config import PairSpec, Registry
 from glimp_cli.errors import ContextLimitError, InputError, UsageError
 from glimp_cli.grading import extract_answer, grade
 from glimp_cli.policies import LARGE, MODES, SMALL
@@ -27,6 +30,12 @@ from glimp_cli.router import Router, Trace
 # Settings that legitimately differ between the modes of one file, or that are stamped per record:
 # they are left out when a resumed file's records are compared with this run's settings.
 PER_MODE_KEYS = frozenset({"mode", "large_share", "baseline", "version"})
+# Recorded with every result but not compared: a resume may widen --limit or follow a moved or
+# appended questions file; what must not change, each done id's question text, is checked itself.
+RECORDED_ONLY_KEYS = frozenset({"questions"})
+# large_share is compared for this mode only: it is the adaptive policy's target. Random's share may
+# be glimp's matched share, which moves as more glimp records are written; other modes ignore it.
+SHARE_MODES = frozenset({"adaptive"})
 
 BASELINE = "baseline"
 ROUTED = "routed"
@@ -49,6 +58,39 @@ def pair_settings(pair: PairSpec) -> dict:
         "step_entropy_threshold": pair.step_entropy_threshold,
         "step_perplexity_threshold": pair.step_perplexity_threshold,
     }
+
+
+def model_details(registry: Registry, name: str) -> dict:
+    """What a model brings to its results: its weights (GGUF path and size, or the server), prompt format,
+    stop strings and context size.
+
+    The GGUF is located (assembled or downloaded on first use, as loading would do next); its size
+    stands for its content, since hashing a many-gigabyte file on every resume would cost minutes.
+    """
+    from glimp_cli.sources import resolve
+
+    spec = registry.model(name)
+    if spec.source is None:  # behind a server
+        weights = {"base_url": spec.base_url, "model": spec.model}
+    else:
+        origin = registry.origin.get(f"models.{name}")
+        path = resolve(spec, origin.parent if origin else None)
+        weights = {"path": str(path), "size": path.stat().st_size}
+    return {"file": weights, "prompt": dataclasses.asdict(spec.prompt), "stop": list(spec.stop),
+            "n_ctx": spec.n_ctx}
+
+
+def batch_settings(registry: Registry, pair: PairSpec, roles: Iterable[str], probe_baseline: bool = False,
+                   questions: dict | None = None) -> dict:
+    """The resume key of a batch: the pair's settings, the details of each model in `roles`, whether
+    large mode probes, and (recorded, not compared) where the questions came from."""
+    settings = pair_settings(pair)
+    for role in sorted(set(roles)):
+        settings[f"{role}_model"] = model_details(registry, getattr(pair, role))
+    settings["probe_baseline"] = probe_baseline
+    if questions is not None:
+        settings["questions"] = questions
+    return settings
 
 
 def timing_kind(mode: str, probed: bool) -> str:
@@ -111,47 +153,75 @@ def check_writable(path: str | Path) -> None:
 class ResultsFile:
     """An append-only JSONL results file; every record is on disk before `append` returns."""
 
-    def __init__(self, path: Path, file: BinaryIO, repaired: str | None = None):
+    def __init__(self, path: Path, file: BinaryIO, repaired: str | None = None, empty_on_start: bool = False):
         self.path = path
         self.repaired = repaired  # what resume cut away from a torn last line, if anything
         self.done: set[tuple[str, str]] = set()
         # (id, mode) -> (large steps, all steps): what the random mode's matched share is made of.
         self.step_counts: dict[tuple[str, str], tuple[int, int]] = {}
         self._file = file
+        self._empty_on_start = empty_on_start  # --overwrite: emptied by `start`, not before
 
     @classmethod
-    def open(cls, path: str | Path, resume: bool, settings_key: dict,
-             overwrite: bool = False) -> tuple["ResultsFile", set[tuple[str, str]]]:
-        """Open for appending; returns the file and the (id, mode) pairs it already holds.
+    def open(cls, path: str | Path, resume: bool, settings_key: dict | Callable[[str], dict],
+             overwrite: bool = False, questions: Iterable[Question] | None = None,
+             source: str | Path | None = None) -> tuple["ResultsFile", set[tuple[str, str]]]:
+        """Lock the file and open it for appending; returns it and the (id, mode) pairs it already holds.
 
-        Without `resume` a non-empty file is refused unless `overwrite`. With `resume` a torn last
-        line is truncated away and every record's settings (minus PER_MODE_KEYS) must equal
-        `settings_key`.
+        A file another process holds open this way is refused. Without `resume` a non-empty file is
+        refused unless `overwrite`, and then kept as it is until `start` (so a run that cannot start
+        loses nothing). With `resume` every record's settings must equal `settings_key` (one dict,
+        or a function of the record's mode) except PER_MODE_KEYS and RECORDED_ONLY_KEYS, each record
+        whose id is one of `questions` (read from `source`) must hold that question's text, and
+        only then is a torn last line truncated away.
         """
         path = Path(path)
         check_writable(path)
         try:
+            file = path.open("ab")
+        except OSError as exc:
+            raise InputError(f"cannot open results file {path}: {exc.strerror or exc}") from None
+        try:
+            _lock(file, path)
             if not resume:
-                if not overwrite and path.exists() and path.stat().st_size > 0:
+                if not overwrite and path.stat().st_size > 0:
                     raise InputError(f"{path} already holds results: resume it or overwrite it")
-                return cls(path, path.open("wb")), set()
+                return cls(path, file, empty_on_start=overwrite), set()
             records, keep, torn = _read_records(path)
-            want = _run_key(settings_key)
+            key = settings_key if callable(settings_key) else (lambda mode: settings_key)
+            wants: dict[str, dict] = {}
             for number, record in records:
-                _check_settings(path, number, record["settings"], want)
+                mode = record["mode"]
+                if mode not in wants:
+                    wants[mode] = _run_key(key(mode), mode)
+                _check_settings(path, number, _run_key(record["settings"], mode), wants[mode])
+            if questions is not None:
+                _check_questions(path, records, questions, source)
             repaired = None
             if torn is not None:  # only now: a refused resume leaves the file as it was
                 _truncate(path, keep)
                 repaired = f"{path}: dropped the incomplete last line {torn} (an interrupted write)"
-            results = cls(path, path.open("ab"), repaired)
+            results = cls(path, file, repaired)
         except OSError as exc:
+            file.close()
             raise InputError(f"cannot open results file {path}: {exc.strerror or exc}") from None
+        except BaseException:
+            file.close()
+            raise
         for _, record in records:
             results._index(record)
         return results, set(results.done)
 
+    def start(self) -> None:
+        """The run can start (its models are loaded): empty the file now if it is being overwritten."""
+        if self._empty_on_start:
+            self._file.truncate(0)
+            os.fsync(self._file.fileno())
+            self._empty_on_start = False
+
     def append(self, record: dict) -> None:
         """Write one record as one line and make it durable."""
+        self.start()
         self._file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -200,25 +270,76 @@ def _read_records(path: Path) -> tuple[list[tuple[int, dict]], int, int | None]:
     return records, keep, torn
 
 
+def _lock(file: BinaryIO, path: Path) -> None:
+    """Hold an exclusive lock on the open results file until it is closed, or refuse if another run has it.
+
+    flock, on the results file itself: the lock ends with the process however it ends (no stale
+    lock file after a kill), and no second file sits beside the results. It is POSIX-only.
+    """
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InputError(f"{path} is being written by another glimp run: wait for it to finish, "
+                         "or write to another file") from None
+
+
 def _truncate(path: Path, size: int) -> None:
     with path.open("r+b") as file:
         file.truncate(size)
         os.fsync(file.fileno())
 
 
-def _run_key(settings: dict) -> dict:
-    # Through JSON, so tuples compare equal to the lists a file gives back.
-    return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in PER_MODE_KEYS}
+def _run_key(settings: dict, mode: str) -> dict:
+    """The settings compared for one mode's records (through JSON, so tuples equal the lists a file gives)."""
+    skip = (PER_MODE_KEYS - ({"large_share"} if mode in SHARE_MODES else set())) | RECORDED_ONLY_KEYS
+    return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in skip}
 
 
-def _check_settings(path: Path, number: int, stored: dict, want: dict) -> None:
-    have = {k: v for k, v in stored.items() if k not in PER_MODE_KEYS}
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    """Nested settings as dotted names (`small_model.prompt.system`), so a refusal names the one that differs."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _check_settings(path: Path, number: int, have: dict, want: dict) -> None:
+    # A model's details count only where both sides used that model: a small-alone record does not
+    # depend on the large model's, and a run that loads only the small one does not locate the large.
+    one_sided = {k for k in set(have) ^ set(want) if k.endswith("_model")}
+    have = _flatten({k: v for k, v in have.items() if k not in one_sided})
+    want = _flatten({k: v for k, v in want.items() if k not in one_sided})
     for key in sorted(set(have) | set(want)):
         if have.get(key) != want.get(key):
             raise InputError(
                 f"{path}: line {number} was written with {key}={have.get(key)!r} but this run has "
                 f"{key}={want.get(key)!r}; resume only with the same settings, or use another file"
             )
+
+
+def _check_questions(path: Path, records: list[tuple[int, dict]], questions: Iterable[Question],
+                     source: str | Path | None) -> None:
+    """Refuse a record whose id is one of `questions` but whose question text is another one's."""
+    by_id = {q.id: q for q in questions}
+    for number, record in records:
+        question = by_id.get(record["id"])
+        if question is not None and record.get("question") != question.question:
+            where = f"{source}:{question.line}" if source else f"question line {question.line}"
+            raise InputError(
+                f"{path}: line {number} has id {record['id']!r} for the question {_brief(record.get('question'))}, "
+                f"but {where} has id {record['id']!r} for {_brief(question.question)}: it was written for another "
+                "question file (or the lines moved); use another output file"
+            )
+
+
+def _brief(text: object, width: int = 40) -> str:
+    if not isinstance(text, str):
+        return repr(text)
+    text = " ".join(text.split())
+    return repr(text if len(text) <= width else text[: width - 1] + "…")
 
 
 @dataclass
@@ -321,6 +442,7 @@ def run_batch(router_for_mode: Callable[[str, dict], Router], questions: list[Qu
                 settings["large_share"] = _random_share(out, questions)
             outcome.random_share = settings["large_share"]
         router = router_for_mode(mode, settings)
+        out.start()  # the models are loaded: only now may --overwrite empty the old results
         workers = min(concurrency, len(todo))
         if workers > 1:
             routers = [router] + [worker_router(mode, settings, i) for i in range(1, workers)]

@@ -146,7 +146,7 @@ def ask(
             for role, backend in engine.backends.items():
                 err.print(f"{role}: {backend.name} from {getattr(backend, 'path', '?')}", markup=False)
         out = Console(highlight=False)
-        view = None if as_json else LiveView(out)
+        view = None if as_json else LiveView(out, probing=policy.needs_probe)
         trace = engine.router(policy).run(question, view)
         interrupted = False
         try:
@@ -217,7 +217,7 @@ def batch(
     output: Path = typer.Option(..., "--output", "-o", help="Results file: JSON Lines, one line per question and mode."),
     mode: Optional[str] = BatchModeOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the results file: skip each (question, mode) it holds. Settings must match."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Empty the results file first if it already holds results."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results the file holds (emptied once the models have loaded)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Run at most this many questions (after --offset)."),
     offset: int = typer.Option(0, "--offset", help="Skip this many questions first."),
     shuffle: bool = typer.Option(False, "--shuffle", help="Shuffle the questions with --seed before --offset and --limit."),
@@ -254,12 +254,12 @@ def batch(
     """
     with user_errors():
         from glimp_cli.batch import (
-            ResultsFile, check_random_share, pair_settings, pending_modes, run_batch,
+            ResultsFile, batch_settings, check_random_share, pending_modes, run_batch,
         )
         from glimp_cli.engine import Engine, pair_policy
         from glimp_cli.errors import InputError, UsageError
         from glimp_cli.progress import BatchProgress
-        from glimp_cli.questions import load_questions
+        from glimp_cli.questions import load_questions, question_source
 
         if resume and overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
@@ -281,18 +281,24 @@ def batch(
         if not loaded:
             raise InputError(f"{questions}: no questions to run"
                              + (" (check --offset and --limit)" if offset or limit is not None else ""))
-        key = pair_settings(pair_spec)
 
         def settings_for_mode(name: str) -> dict:
-            return {**key, "large_share": share if name == "random" else None}
+            # Adaptive runs at the pair's share as its target; random at the given share, else glimp's.
+            target = share if name == "random" else pair_spec.large_share if name == "adaptive" else None
+            return {**key, "large_share": target}
 
         def policy_for(name: str, settings: dict):
             given = {} if settings["large_share"] is None else {"large_share": settings["large_share"]}
             return pair_policy(dataclasses.replace(pair_spec, mode=name, **given), probe_baseline)
 
         if not resume:
-            check_random_share(modes, share, loaded)  # before --overwrite empties the file
-        out, done = ResultsFile.open(output, resume, key, overwrite)
+            check_random_share(modes, share, loaded)  # before anything is opened
+        # Locates each model file the modes use: a missing one fails here, before the results are touched.
+        used = set().union(*(pair_policy(dataclasses.replace(pair_spec, mode=m), probe_baseline).models
+                             for m in modes))
+        key = batch_settings(registry, pair_spec, used, probe_baseline,
+                             question_source(questions, limit, offset, shuffle, pair_spec.seed))
+        out, done = ResultsFile.open(output, resume, settings_for_mode, overwrite, loaded, questions)
         with out:
             if out.repaired:
                 err.print(f"glimp: warning: {out.repaired}", markup=False)
@@ -453,114 +459,58 @@ def calibrate(
     Exit status: 0 done; 1 an error (or the objective found no tau to write); 2 bad usage; 130 interrupted.
     """
     with user_errors():
-        from glimp_cli import calibrate as cal
+        from glimp_cli.calibrate import CalibrateOptions, check_options, run_command
         from glimp_cli.config import user_config
-        from glimp_cli.errors import InputError, UsageError
-        from glimp_cli.progress import BatchProgress
-        from glimp_cli.questions import load_questions
         from glimp_cli.sources import cache_dir
 
-        if traces and (questions or sweep):
-            raise UsageError("--traces reads recorded steps: give it without a questions file and without --sweep")
-        if objective and objective not in cal.OBJECTIVES:
-            raise UsageError(f"--objective {objective!r} is not one of {', '.join(cal.OBJECTIVES)}")
-        if objective and not sweep:
-            raise UsageError("--objective picks from the sweep: add --sweep")
-        if objective and large_share is not None:
-            raise UsageError("pick tau by --large-share or by --objective, not both")
-        if write and not objective and large_share is None:
-            raise UsageError("--write needs a tau to write: choose it with --large-share or --sweep --objective")
-        if max_drop < 0 or max_latency_ratio <= 0:
-            raise UsageError("--max-drop must be >= 0 and --max-latency-ratio > 0")
-        grid = cal.parse_shares(shares) if sweep else None
+        options = CalibrateOptions(
+            questions=questions, traces=traces, traces_mode=traces_mode, limit=limit, offset=offset,
+            question_field=question_field, answer_field=answer_field, id_field=id_field, large_share=large_share,
+            sweep=sweep, shares=shares, adaptive=adaptive, warmup=warmup, objective=objective, max_drop=max_drop,
+            max_latency_ratio=max_latency_ratio, runs_dir=runs_dir, plot=plot,
+            write_to=(config or user_config()) if write else None, exclude=exclude, allow_overlap=allow_overlap)
+        check_options(options)
         values = dict(small=small, large=large, tau=tau, temperature=temperature, top_p=top_p, seed=seed,
                       max_tokens=max_tokens, max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator)
         registry, pair_spec = _resolve(ctx, config, pair, values, verbose)
         out = Console(highlight=False)
         if not out.is_terminal and "COLUMNS" not in os.environ:
             out.width = max(out.width, 160)  # a log or pipe: room for the frontier's columns
+        status = run_command(options, registry, pair_spec, out, err, cache_dir())
+        if status:
+            raise typer.Exit(status)
 
-        if traces:
-            texts = cal.trace_questions(traces)
+
+@app.command()
+def profile(
+    pair: Optional[str] = PairOpt,
+    config: Optional[Path] = ConfigOpt,
+    step_tokens: int = typer.Option(40, "--step-tokens", min=1, help="Tokens per reasoning step: the catch-up batch measured, and tokens per probe in the bound."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rates, the bound and the verdict as one JSON object."),
+):
+    """Measure this machine's decode, catch-up prefill and probe costs, and the latency glimp can reach.
+
+    Takes a few seconds after the models load. Prints glimp's time relative to large alone at large shares 0 to 1, the break-even share, and whether routing saves wall time here or only large-model tokens.
+    """
+    with user_errors():
+        from glimp_cli.config import load_registry
+        from glimp_cli.engine import Engine
+        from glimp_cli.profile import profile_engine, render_profile
+
+        registry = load_registry(config)
+        pair_spec = registry.pair(pair)
+        engine = Engine.load(registry, pair_spec, {"small", "large"})
+        try:
+            measured = profile_engine(engine, step_tokens)
+        finally:
+            engine.close()
+        if as_json:
+            sys.stdout.write(json.dumps(measured.to_dict(), ensure_ascii=False) + "\n")
         else:
-            source = questions or cal.calibration_set()
-            loaded, skipped = load_questions(source, question_field, answer_field, id_field, limit, offset)
-            for line in skipped:
-                err.print(f"{source}:{line.line}: {line.reason}", markup=False)
-            if not loaded:
-                raise InputError(f"{source}: no questions to calibrate on")
-            texts = [q.question for q in loaded]
-        if exclude:
-            note = cal.check_held_out(texts, exclude, allow_overlap)
-            if note:
-                err.print(f"glimp: warning: {note}", markup=False)
-
-        rows, chosen = None, None
-        if traces:
-            dist = cal.distribution_from_traces(traces, traces_mode)
-        else:
-            where = runs_dir or cal.default_runs_dir(cache_dir() / "calibrate", pair_spec, loaded)
-
-            def progress(run, pending: int):
-                err.print(f"{run.label}: {pending} of {len(loaded)} questions to run into {run.path}", markup=False)
-                return BatchProgress(err, {run.mode: pending})
-
-            def on_done(run, outcome) -> None:
-                for qid, _, why in outcome.failed:
-                    err.print(f"glimp: question {qid} failed in {run.label}: {why}", markup=False)
-                if not outcome.written and not outcome.interrupted:
-                    err.print(f"{run.label}: reused {outcome.already_done} results from {run.path}", markup=False)
-
-            models = cal.ModelsOnDemand(registry, pair_spec)
-            try:
-                result = cal.run_calibration(loaded, pair_spec, models.router, where, grid, adaptive, warmup,
-                                             progress, on_done)
-            except KeyboardInterrupt:
-                result = cal.Calibration(None, [], True)
-            finally:
-                models.close()
-            if result.interrupted:
-                err.print(f"interrupted: finished runs are kept in {where}; run the same command to go on",
-                          markup=False)
-                raise typer.Exit(130)
-            dist = result.dist
-            if sweep:
-                rows = cal.frontier(result.runs, loaded)
-
-        out.print(cal.describe_distribution(dist), markup=False)
-        at = cal.choose_by_share(dist.values, large_share) if large_share is not None else None
-        if rows is not None:
-            pick = cal.pick_tau(rows, objective, max_drop, max_latency_ratio) if objective else None
-            chosen = pick.row if pick else None
-            if chosen is not None:
-                at = cal.share_at(dist.values, chosen.run.tau)
-        at = at or cal.share_at(dist.values, pair_spec.tau)
-        out.print()
-        out.print(cal.render_histogram(dist, at))
-        out.print()
-        out.print(cal.describe_choice(at), markup=False)
-        if rows is not None:
-            out.print()
-            out.print(cal.render_frontier(rows, chosen))
-            if objective:
-                out.print(f"{objective}: {pick.reason}", markup=False)
-                if pick.note:
-                    out.print(f"note: {pick.note}", markup=False)
-        if plot:
-            title = f"glimp calibrate · pair {pair_spec.name} ({pair_spec.small} / {pair_spec.large})"
-            err.print(f"wrote {cal.write_plot(plot, dist, at, rows, chosen, title)}", markup=False)
-        if write:
-            if objective and chosen is None:
-                raise InputError(f"nothing written: {pick.reason}")
-            if traces:
-                recorded = {p for p, _ in dist.recorded_with} | {e for _, e in dist.recorded_with}
-                if dist.recorded_with != {(pair_spec.name, pair_spec.estimator)}:
-                    raise UsageError(f"{traces} was recorded with {', '.join(sorted(map(str, recorded)))}, not pair "
-                                     f"{pair_spec.name} with estimator {pair_spec.estimator}: its tau belongs to that pair")
-            change = cal.write_tau(config or user_config(), registry, pair_spec.name, at.tau)
-            what = "added the pair's entry with" if change.added else "set"
-            out.print(f"{change.path}: {what} pairs.{change.pair}.tau = {change.new:g} (was {change.old:g})",
-                      markup=False)
+            out = Console(highlight=False)
+            if not out.is_terminal and "COLUMNS" not in os.environ:
+                out.width = max(out.width, 120)  # a log or pipe: the tables on one line each
+            out.print(render_profile(measured))
 
 
 @app.command()

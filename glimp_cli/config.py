@@ -8,7 +8,9 @@ top of it, its entries replacing packaged entries of the same name.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,8 +26,20 @@ CONFIG_ENV = "GLIMP_CONFIG"
 
 
 @dataclass(frozen=True)
+class Part:
+    """One registry package that carries a piece of a split GGUF, at its exact version."""
+
+    package: str
+    version: str
+
+
+@dataclass(frozen=True)
 class Source:
-    """Where a model's GGUF comes from: exactly one of `path`, `package`, `hf_repo`."""
+    """Where a model's GGUF comes from: exactly one of `path`, `package`, `hf_repo`, `parts`.
+
+    `parts` is a GGUF split over registry packages: concatenated in order, the part files must
+    give `size` bytes with the pinned `sha256`; glimp assembles them once into its cache as `file`.
+    """
 
     path: str | None = None
     package: str | None = None
@@ -34,7 +48,10 @@ class Source:
     hf_repo: str | None = None
     hf_file: str | None = None
     revision: str | None = None
-    install: str | None = None  # what to pip install when `package` is missing
+    parts: tuple[Part, ...] = ()
+    sha256: str | None = None
+    size: int | None = None
+    install: str | None = None  # what to pip install when a package is missing
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,33 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class CalibrationRecord:
+    """Where a pair's tau came from, as `glimp calibrate --write` stored it (read by people, not the loop).
+
+    `large_share` is the share of steps the tau was picked to send to the large model (by
+    `--large-share`, or the sweep share of the tau an `objective` chose); `steps` the number of
+    recorded H_init values; the rest names the questions or traces they came from and the settings
+    they were measured with.
+    """
+
+    tau: float
+    steps: int
+    large_share: float | None = None
+    objective: str | None = None
+    mode: str = "small"
+    questions: str | None = None
+    traces: str | None = None
+    small: str | None = None
+    large: str | None = None
+    estimator: str | None = None
+    delimiter: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_step_tokens: int | None = None
+    date: str | None = None
+
+
+@dataclass(frozen=True)
 class PairSpec:
     """A small/large pair and its routing and sampling settings."""
 
@@ -95,6 +139,7 @@ class PairSpec:
     # Thresholds of the draft-then-verify baselines (modes step_entropy, step_perplexity).
     step_entropy_threshold: float = 1.0
     step_perplexity_threshold: float = 3.0
+    calibration: CalibrationRecord | None = None  # written by `glimp calibrate --write`
 
 
 @dataclass
@@ -222,6 +267,8 @@ def _mapping(value: Any, path: Path, key: str) -> dict:
 def _model(name: str, raw: Any, prompts: dict, path: Path) -> ModelSpec:
     where = f"models.{name}"
     raw = dict(_mapping(raw, path, where))
+    if isinstance(raw.get("source"), dict) and isinstance(raw["source"].get("parts"), dict):
+        raw["source"] = {**raw["source"], "parts": _expand_parts(raw["source"]["parts"], path, f"{where}.source.parts")}
     prompt = raw.get("prompt")
     if isinstance(prompt, str):
         if prompt not in prompts:
@@ -252,20 +299,72 @@ def _check_remote(spec: ModelSpec, path: Path, where: str, prompt_where: str) ->
     if spec.prompt.style != "plain":
         raise ConfigError(f"{path}: {prompt_where}.style: backend openai needs style: plain with the chat "
                           "template written out (glimp cannot read the served model's template)")
-    if spec.timeout <= 0:
-        raise ConfigError(f"{path}: {where}.timeout: must be a positive number of seconds")
+    if not 0 < spec.timeout < math.inf:
+        raise ConfigError(f"{path}: {where}.timeout: must be a positive, finite number of seconds")
     if spec.max_retries < 0:
         raise ConfigError(f"{path}: {where}.max_retries: must be >= 0")
 
 
+def _expand_parts(raw: dict, path: Path, where: str) -> list[dict]:
+    """The compact parts form {package: "name-part{n}", count: N, version: V} as the list form."""
+    unknown = set(raw) - {"package", "count", "first", "version"}
+    if unknown:
+        raise ConfigError(f"{path}: {where}: unknown key {sorted(unknown)[0]!r}")
+    for key in ("package", "count", "version"):
+        if key not in raw:
+            raise ConfigError(f"{path}: {where}: missing key {key!r}")
+    pattern = _check(raw["package"], str, path, f"{where}.package")
+    count = _check(raw["count"], int, path, f"{where}.count")
+    first = _check(raw.get("first", 1), int, path, f"{where}.first")
+    version = _check(raw["version"], str, path, f"{where}.version")
+    if pattern.count("{n}") != 1:
+        raise ConfigError(f"{path}: {where}.package: the compact form needs one {{n}} where the part number goes")
+    if count < 1:
+        raise ConfigError(f"{path}: {where}.count: must be a positive integer")
+    return [{"package": pattern.replace("{n}", str(n)), "version": version} for n in range(first, first + count)]
+
+
 def _check_source(source: Source | None, path: Path, where: str) -> None:
-    kinds = [k for k in ("path", "package", "hf_repo") if source and getattr(source, k)]
+    kinds = [k for k in ("path", "package", "hf_repo", "parts") if source and getattr(source, k)]
     if len(kinds) != 1:
-        raise ConfigError(f"{path}: {where}.source: give exactly one of path, package, hf_repo")
+        raise ConfigError(f"{path}: {where}.source: give exactly one of path, package, hf_repo, parts")
     if source.package and not (source.file or source.assemble):
         raise ConfigError(f"{path}: {where}.source: a package source needs `file` (and `assemble` to build it)")
     if source.hf_repo and not source.hf_file:
         raise ConfigError(f"{path}: {where}.source.hf_file: required with hf_repo")
+    if source.parts:
+        _check_parts(source, path, f"{where}.source")
+    else:
+        for key in ("sha256", "size"):
+            if getattr(source, key) is not None:
+                raise ConfigError(f"{path}: {where}.source.{key}: only a parts source is checked against {key}")
+
+
+def _check_parts(source: Source, path: Path, where: str) -> None:
+    for key in ("file", "sha256", "size"):
+        if getattr(source, key) is None:
+            raise ConfigError(f"{path}: {where}.{key}: required with parts")
+    if source.assemble:
+        raise ConfigError(f"{path}: {where}.assemble: a parts source is assembled by glimp, not by a package")
+    if Path(source.file).name != source.file or not source.file.endswith(".gguf"):
+        raise ConfigError(f"{path}: {where}.file: a plain file name ending in .gguf, got {source.file!r}")
+    if not re.fullmatch(r"[0-9a-f]{64}", source.sha256):
+        raise ConfigError(f"{path}: {where}.sha256: expected 64 lowercase hex digits, got {source.sha256!r}")
+    if source.size < 1:
+        raise ConfigError(f"{path}: {where}.size: must be a positive number of bytes")
+    seen = set()
+    for i, part in enumerate(source.parts):
+        name = _canonical(part.package)
+        if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name):
+            raise ConfigError(f"{path}: {where}.parts[{i}].package: {part.package!r} is not a package name")
+        if name in seen:
+            raise ConfigError(f"{path}: {where}.parts[{i}].package: {part.package!r} is listed twice")
+        seen.add(name)
+
+
+def _canonical(package: str) -> str:
+    """A distribution name as the registry compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", package).lower()
 
 
 def _pair(name: str, raw: Any, path: Path) -> PairSpec:
@@ -276,6 +375,12 @@ def _pair(name: str, raw: Any, path: Path) -> PairSpec:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {where}.estimator: {exc}") from None
     check_pair_values(spec, lambda key: f"{path}: {where}.{key}")
+    record = spec.calibration
+    if record is not None:
+        if record.steps < 1:
+            raise ConfigError(f"{path}: {where}.calibration.steps: must be a positive integer")
+        if record.large_share is not None and not 0 <= record.large_share <= 1:
+            raise ConfigError(f"{path}: {where}.calibration.large_share: must be between 0 and 1")
     return spec
 
 
@@ -283,8 +388,12 @@ def check_pair_values(spec: PairSpec, where) -> None:
     """Range checks shared by the file loader and command-line overrides."""
     if not spec.delimiter:
         raise ConfigError(f"{where('delimiter')}: must not be empty")
-    if spec.temperature < 0:
-        raise ConfigError(f"{where('temperature')}: must be >= 0")
+    # NaN compares false with everything: a threshold of NaN would route every step one way silently.
+    for key in ("tau", "step_entropy_threshold", "step_perplexity_threshold"):
+        if math.isnan(getattr(spec, key)):
+            raise ConfigError(f"{where(key)}: must be a number (inf and -inf are allowed), not NaN")
+    if not (0 <= spec.temperature < math.inf):
+        raise ConfigError(f"{where('temperature')}: must be a finite number >= 0")
     if not 0 < spec.top_p <= 1:
         raise ConfigError(f"{where('top_p')}: must be in (0, 1]")
     if not 0 <= spec.large_share <= 1:
@@ -343,6 +452,11 @@ def _convert(value: Any, hint: Any, path: Path, where: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(value, inner, path, where)
+    if origin is tuple and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: {where}: expected a list of mappings")
+        return tuple(_build(args[0], _mapping(item, path, f"{where}[{i}]"), path, f"{where}[{i}]")
+                     for i, item in enumerate(value))
     if origin is tuple:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list):
@@ -355,6 +469,8 @@ def _convert(value: Any, hint: Any, path: Path, where: str) -> Any:
 
 def _check(value: Any, kind: type, path: Path, where: str) -> Any:
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isnan(value):  # YAML's .nan: no setting of glimp means anything at NaN
+            raise ConfigError(f"{path}: {where}: expected a number, got NaN")
         return float(value)
     if kind is float and isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", ".inf", "-.inf"):
         return float(value.strip().lower().replace(".", ""))

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from glimp_cli.config import PromptFormat
 from glimp_cli.errors import ConfigError
@@ -29,24 +26,18 @@ def render_prompt(fmt: PromptFormat, question: str, chat_template: str | None,
 
 
 def _render_chat(template: str, messages: list[dict], bos: str, eos: str, model: str) -> str:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-    def raise_exception(message: str):
-        raise jinja2.exceptions.TemplateError(message)
+    # The rendering is llama-cpp-python's (imported only when a chat prompt is made, so `glimp --help`
+    # stays light); what glimp adds is the fold below and one-line errors.
+    from glimp_cli.backends.llama_cpp import render_chat
 
     try:
-        compiled = env.from_string(template)
-        render = lambda msgs: compiled.render(  # noqa: E731
-            messages=msgs, add_generation_prompt=True, bos_token=bos, eos_token=eos,
-            raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f),
-        )
         try:
-            return render(messages)
-        except jinja2.exceptions.TemplateError:
+            return render_chat(template, messages, bos, eos)
+        except (jinja2.exceptions.TemplateError, ValueError):
             if messages[0]["role"] != "system":
                 raise
-            # Some templates refuse a system turn: fold it into the user turn instead.
+            # Some templates refuse a system turn (raise_exception): fold it into the user turn instead.
             folded = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
-            return render(folded)
-    except jinja2.exceptions.TemplateError as exc:
-        raise ConfigError(f"model {model!r}: its chat template failed to render: {exc}") from None
+            return render_chat(template, folded, bos, eos)
+    except (jinja2.exceptions.TemplateError, ValueError) as exc:
+        raise ConfigError(f"model {model!r}: its chat template failed to render: {' '.join(str(exc).split())}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -69,6 +70,18 @@ def load_questions(path: str | Path, question_field: str | None = None, answer_f
         random.Random(seed).shuffle(questions)
     end = None if limit is None else offset + limit
     return questions[offset:end], skipped
+
+
+def question_source(path: str | Path, limit: int | None = None, offset: int = 0, shuffle: bool = False,
+                    seed: int = 0) -> dict:
+    """Which questions a run took: the file (absolute path, sha256 of its bytes) and the selection."""
+    path = Path(path)
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise InputError(f"cannot read questions file {path}: {exc.strerror or exc}") from None
+    return {"path": str(path.resolve()), "sha256": digest, "offset": offset, "limit": limit,
+            "shuffle_seed": seed if shuffle else None}
 
 
 def _parse_line(raw: bytes, number: int, question_field: str | None, answer_field: str | None,

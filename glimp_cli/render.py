@@ -11,8 +11,12 @@ from glimp_cli.router import Step, Trace
 COLOURS = {"small": "cyan", "large": "magenta"}
 
 
-def _h(h_init: float | None) -> str:
-    return "H_init -" if h_init is None else f"H_init {h_init:.2f}"
+def _h(h_init: float | None, probing: bool) -> str:
+    """H_init in nats, or what happened instead of a probe."""
+    if h_init is not None:
+        return f"H_init {h_init:.2f} nats"
+    # A probing policy skips the probe only once the small model has handed the answer over.
+    return "answer handed to large" if probing else "no probe (large alone)"
 
 
 class LiveView:
@@ -22,13 +26,14 @@ class LiveView:
     view prints plain text into a pipe or file.
     """
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, probing: bool = True):
         self.console = console
+        self.probing = probing  # whether the policy probes H_init (large alone does not)
         self._model = "small"
 
     def step_started(self, index: int, model: str, h_init: float | None) -> None:
         self._model = model
-        header = Text(f"\n▌ step {index + 1} · {model} · {_h(h_init)} nats", style=f"bold {COLOURS[model]}")
+        header = Text(f"\n▌ step {index + 1} · {model} · {_h(h_init, self.probing)}", style=f"bold {COLOURS[model]}")
         self.console.print(header, highlight=False)
 
     def text(self, piece: str) -> None:

@@ -170,3 +170,61 @@ def render_table(rows: list[ModeRow]) -> Table:
             f"{_pct(row.large_share_steps)} / {_pct(row.large_share_tokens)}", row.timing,
         )
     return table
+
+
+# --- paired comparisons of runs on the same questions -------------------------------------------
+
+
+def mcnemar_p(wins: int, losses: int) -> float:
+    """Exact two-sided McNemar p: how likely a split of the discordant pairs this uneven is under 50/50."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Run A against run B on the questions both graded: where exactly one of them was right."""
+
+    n: int
+    wins: int  # A right, B wrong
+    losses: int  # A wrong, B right
+    p: float  # exact McNemar, two-sided
+
+    @property
+    def ties(self) -> int:
+        return self.n - self.wins - self.losses
+
+
+def paired_comparison(a: list[dict], b: list[dict], ids: set[str] | None = None) -> Paired:
+    """Compare two runs' records question by question (`ids`: only those questions)."""
+    right_b = {r["id"]: r["correct"] for r in b if r.get("correct") is not None}
+    pairs = [(bool(r["correct"]), bool(right_b[r["id"]])) for r in a
+             if r.get("correct") is not None and r["id"] in right_b and (ids is None or r["id"] in ids)]
+    wins = sum(x and not y for x, y in pairs)
+    losses = sum(y and not x for x, y in pairs)
+    return Paired(len(pairs), wins, losses, mcnemar_p(wins, losses))
+
+
+def recovered_gap(accuracy: float | None, small: float | None, large: float | None) -> float | None:
+    """(accuracy - small alone) / (large alone - small alone): the share of the gap a run closes."""
+    if accuracy is None or small is None or large is None or large == small:
+        return None
+    return (accuracy - small) / (large - small)
+
+
+def common_ids(runs: list[list[dict]]) -> set[str]:
+    """The question ids that every run has a record of."""
+    sets = [{r["id"] for r in records} for records in runs]
+    return set.intersection(*sets) if sets else set()
+
+
+def run_row(records: list[dict], large: list[dict]) -> ModeRow:
+    """One run's summary (its records all of one mode), latency relative to the large-alone records."""
+    modes = {r["mode"] for r in records}
+    if len(modes) != 1:
+        raise ValueError(f"a run's records must share one mode, not {sorted(modes)}")
+    mode = modes.pop()
+    return next(row for row in summarize(records + ([] if mode == LARGE else large)) if row.mode == mode)

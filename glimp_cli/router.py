@@ -283,8 +283,29 @@ def _char_boundary(data: bytes, n: int) -> bool:
         return False
 
 
-def _normalized(text: str) -> str:
-    return " ".join(text.split())
+class LoopDetector:
+    """Says when a trace has fallen into a loop: a step twice in a row, or a run of steps again.
+
+    A step made only of markup or whitespace (`\\[`, `---`, a blank) recurs legitimately and never
+    counts as a loop on its own; a repeated run of several steps counts if any of them has content.
+    """
+
+    def __init__(self, max_run: int = 8):
+        self.keys: list[str] = []
+        self.max_run = max_run
+
+    def add(self, text: str) -> bool:
+        """Record a step's text; True if the trace now ends in a loop."""
+        self.keys.append(" ".join(text.split()))
+        keys = self.keys
+        for run in range(1, min(self.max_run, len(keys) // 2) + 1):
+            if keys[-run:] == keys[-2 * run:-run] and any(_has_content(k) for k in keys[-run:]):
+                return True
+        return False
+
+
+def _has_content(text: str) -> bool:
+    return any(c.isalnum() for c in text)
 
 
 class Trace:
@@ -385,7 +406,6 @@ class Router:
         self.answer_markers = tuple(
             m for m in {small.prompt.answer_marker, large.prompt.answer_marker} if m
         )
-        self.answer_until_eos = large.prompt.answer_until_eos
 
     def run(self, question: str, listener: StepListener | None = None) -> Trace:
         """A trace for `question`; nothing runs until it is iterated."""
@@ -393,9 +413,17 @@ class Router:
             raise UsageError("the question is empty")
         return Trace(self, question, listener)
 
-    def _stop(self, role: Role, limit: int, preempt: bool) -> StepStop:
+    def _stop(self, role: Role, limit: int, budget: int, preempt: bool) -> StepStop:
+        """How a step of `role` ends; `preempt` ends a draft at the answer marker (the large model answers).
+
+        Otherwise the step that states the answer marker is the answer and runs until the answer is
+        complete, within what is left of the trace's budget.
+        """
         side = self._sides[role]
-        return StepStop(self.delimiter, side.slot.stop, self.answer_markers if preempt else (), limit)
+        if preempt:
+            return StepStop(self.delimiter, side.slot.stop, self.answer_markers, limit)
+        return StepStop(self.delimiter, side.slot.stop, (), limit, final_markers=self.answer_markers,
+                        answer_tokens=budget, answer_until_eos=side.slot.prompt.answer_until_eos)
 
     def _run(self, trace: Trace) -> Iterator[Step]:
         return _TraceRun(self, trace).steps()
@@ -431,14 +459,18 @@ class _TraceRun:
         for side in (self.small, self.large):
             side.started = False
         self.texts: list[str] = []
-        self.seen: set[str] = set()
+        self.loop = LoopDetector()
         self.generated = 0
-        self.answer_phase = False  # the large model writes every remaining step
+        self.answer_phase = False  # the small model handed the answer over: the large model writes on
 
     def steps(self) -> Iterator[Step]:
         while True:
             costs = _StepCosts(len(self.trace.steps))
             budget = self.settings.max_tokens - self.generated
+            if budget <= 0:
+                # The last step ended at its delimiter with the budget used up: no empty step after it.
+                self.trace.stop_reason = "max_tokens"
+                return
             limit = min(self.settings.max_step_tokens, budget)
             try:
                 if not self.answer_phase and self.policy.needs_probe:
@@ -448,13 +480,13 @@ class _TraceRun:
                     self.listener.step_started(costs.index, role, costs.h_init)
                 written = None
                 if role == SMALL:
-                    role, written = self.write_small(costs, limit)
+                    role, written = self.write_small(costs, limit, budget)
                 if role == LARGE:
-                    written = self.write_large(costs, limit)
+                    written = self.write_large(costs, limit, budget)
             except ContextFull:
                 self.trace.stop_reason = "context_full"
                 return
-            step, end = self.finish(costs, role, written, limit == budget)
+            step, end = self.finish(costs, role, written, len(written.tokens) >= budget)
             self.trace.steps.append(step)
             yield step
             if end:
@@ -477,14 +509,14 @@ class _TraceRun:
         costs.h_init = self.settings.estimator.from_logits(costs.logits)
         costs.probe_seconds = perf_counter() - t0
 
-    def write_small(self, costs: _StepCosts, limit: int) -> tuple[Role, Written | None]:
+    def write_small(self, costs: _StepCosts, limit: int, budget: int) -> tuple[Role, Written | None]:
         """The small model writes from the probed token; returns LARGE when the step is handed over."""
         s, policy = self.settings, self.policy
         if costs.logits is None:
             self.catch_up(self.small, costs)
             costs.logits = self.small.backend.next_logits()
         first = sample_token(costs.logits, s.sampling, self.rng)
-        stop = self.router._stop(SMALL, limit, policy.large_answers)
+        stop = self.router._stop(SMALL, limit, budget, policy.large_answers)
         written = self.small.backend.write(first, stop, s.sampling, self.rng, self.on_text,
                                            costs.logits if policy.rewrite else None)
         costs.score = _draft_score(written) if policy.rewrite else None
@@ -510,11 +542,16 @@ class _TraceRun:
             self.listener.step_started(costs.index, LARGE, costs.h_init)
         return LARGE
 
-    def write_large(self, costs: _StepCosts, limit: int) -> Written:
+    def write_large(self, costs: _StepCosts, limit: int, budget: int) -> Written:
         """The large model writes the whole step."""
         self.catch_up(self.large, costs)
-        stop = self.router._stop(LARGE, limit, False)
+        stop = self.router._stop(LARGE, limit, budget, False)
         return self.large.backend.write(None, stop, self.settings.sampling, self.rng, self.on_text)
+
+    def states_answer(self, role: Role, written: Written) -> bool:
+        """Whether a step is the answer: it states a marker and its writer was not to hand the answer over."""
+        final = role == LARGE or not self.policy.large_answers
+        return final and any(m in written.text for m in self.router.answer_markers)
 
     def finish(self, costs: _StepCosts, role: Role, written: Written, budget_bound: bool) -> tuple[Step, str | None]:
         """Decide whether the trace ends here (and why), settle the writer's context, record the step."""
@@ -525,18 +562,11 @@ class _TraceRun:
             step_reason = "max_tokens" if budget_bound else "max_step_tokens"
         end = step_reason if step_reason in ("eos", "stop_string", "context_full", "max_tokens") else None
         if role == SMALL and self.answer_phase:
-            end = None  # the small model is done: the large model writes the answer next
-        if role == LARGE and self.answer_phase and not router.answer_until_eos and end is None:
-            end = "answer"  # the answer step was handed over: the large model's one step is the answer
-        if any(m in written.text for m in router.answer_markers) and (role == LARGE or not self.policy.large_answers):
-            if router.answer_until_eos:
-                self.answer_phase = True
-            elif end in (None, "eos", "stop_string"):
-                end = "answer"
-        key = _normalized(written.text)
-        if end is None and key in self.seen:
+            end = None  # the small model handed over: the large model writes on until it states the answer
+        elif self.states_answer(role, written) and end in (None, "eos", "stop_string"):
+            end = "answer"
+        if self.loop.add(written.text) and end is None:
             end = "repetition"
-        self.seen.add(key)
         self.texts.append(written.text)
         writer = router._sides[role]
         kept = len(written.tokens)

@@ -1,10 +1,13 @@
-"""Draw a token from logits with temperature and top-p, reproducibly from a numpy Generator."""
+"""Draw a token from logits with top-p and temperature, reproducibly from a numpy Generator."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from glimp_cli.entropy import log_softmax
 
 
 @dataclass(frozen=True)
@@ -16,22 +19,35 @@ class Sampling:
 
 
 def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
-    """Pick the next token id: argmax when greedy, else a draw from the tempered nucleus."""
+    """Pick the next token id: argmax when greedy, else a tempered draw from the nucleus.
+
+    The order is llama.cpp's (its sampler chain, llama-cpp-python's server and llama-server): the
+    nucleus is cut from the untempered distribution, then the temperature reshapes what is kept,
+    so an in-process model and a served one draw from the same set.
+    """
     if sampling.temperature <= 0:
-        return int(np.argmax(logits))
-    z = np.asarray(logits, dtype=np.float64) / sampling.temperature
-    z -= z.max()
-    p = np.exp(z)
-    p /= p.sum()
-    if sampling.top_p >= 1.0:
-        return int(rng.choice(p.size, p=p))
-    ids = _nucleus(p, sampling.top_p)
-    q = p[ids] / p[ids].sum()
-    return int(ids[rng.choice(ids.size, p=q)])
+        token = int(np.argmax(logits))
+        if not math.isfinite(float(logits[token])):
+            log_softmax(logits)  # NaN, +inf or nothing finite: the one error for broken logits
+        return token
+    z = np.asarray(logits, dtype=np.float64)
+    ids = None
+    if sampling.top_p < 1.0:
+        logp, p = log_softmax(z)
+        ids = _nucleus(p, sampling.top_p)
+        z = logp[ids]
+    z = z / sampling.temperature
+    top = z.max()
+    if not math.isfinite(top):
+        log_softmax(logits)  # raises the one error for broken logits
+    q = np.exp(z - top)
+    q /= q.sum()
+    drawn = int(rng.choice(q.size, p=q))
+    return drawn if ids is None else int(ids[drawn])
 
 
 def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
-    """Ids of the smallest set of most likely tokens whose mass reaches top_p.
+    """Ids of the smallest set of most likely tokens whose mass reaches top_p, most likely first.
 
     A full sort of a 262k vocabulary costs more than a decode step, so widen a partial
     selection until it holds the nucleus; the result is the same as with a full sort.

@@ -1,4 +1,4 @@
-"""Locate a model's GGUF file: a local path, an installed package, or the Hugging Face hub."""
+"""Locate a model's GGUF file: a local path, an installed package, parts split over packages, or the hub."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from glimp_cli import assembly
 from glimp_cli.config import ModelSpec, Source
 from glimp_cli.errors import MissingExtraError, ModelError
 
@@ -41,6 +42,8 @@ def describe(spec: ModelSpec) -> str:
     if src.package:
         how = f"assembled by {src.package}.{src.assemble}()" if src.assemble else "inside the package"
         return f"package {src.package}: {src.file} {how}"
+    if src.parts:
+        return f"packages {assembly.packages_label(src)}: {src.file} assembled, sha256 {src.sha256[:12]}"
     return f"hub {src.hf_repo}/{src.hf_file}"
 
 
@@ -59,6 +62,8 @@ def availability(spec: ModelSpec, config_dir: Path | None = None) -> Availabilit
                 return Availability(True, str(target))
             return Availability(True, f"will be assembled into {target} on first use")
         return Availability(_package_file(src).is_file(), str(_package_file(src)))
+    if src.parts:
+        return _parts_availability(spec.name, src)
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
@@ -78,6 +83,8 @@ def resolve(spec: ModelSpec, config_dir: Path | None = None) -> Path:
             raise ModelError(f"model {spec.name!r}: GGUF file not found: {path}")
     elif src.package:
         path = _from_package(spec.name, src)
+    elif src.parts:
+        path = assembly.ensure(spec.name, src, cache_dir() / src.file)
     else:
         path = _from_hub(spec.name, src)
     check_gguf(path, spec.name)
@@ -137,6 +144,20 @@ def _from_package(model: str, src: Source) -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return target
+
+
+def _parts_availability(model: str, src: Source) -> Availability:
+    # Cheap checks only: the marker, the installed versions and the part files' sizes; nothing is read.
+    target = cache_dir() / src.file
+    if assembly.is_verified(target, src):
+        return Availability(True, str(target))
+    try:
+        assembly.locate(model, src)
+    except ModelError as exc:
+        return Availability(False, str(exc))
+    if target.is_file():
+        return Availability(True, f"{target} changed since its sha256 check: re-checked on first use")
+    return Availability(True, f"will be assembled into {target} on first use")
 
 
 def _from_hub(model: str, src: Source) -> Path:

@@ -1,4 +1,4 @@
-"""Shared fixtures: the scripted fake pair, and the real default pair loaded once per session."""
+"""Shared fixtures: the scripted fake pair, and the real tiny pair loaded once per session."""
 
 from __future__ import annotations
 
@@ -15,13 +15,25 @@ from glimp_cli.router import ModelSlot, RouteSettings, Router
 FAKE_PROMPT = PromptFormat(style="plain", template="Q: {question}\nA:\n", answer_marker="The answer is")
 
 
+# One scripted 5-step trace for tests where the script's details are not the point.
+FIVE_STEPS = [
+    ScriptedStep(0.5, "small one", "LARGE ONE"),
+    ScriptedStep(2.0, "small two", "LARGE TWO"),
+    ScriptedStep(0.3, "small three", "LARGE THREE"),
+    ScriptedStep(1.5, "small four", "LARGE FOUR"),
+    ScriptedStep(0.1, "The answer is 4.", "The answer is 42."),
+]
+
+
 def fake_router(script: list[ScriptedStep], policy: Policy, *, prompt: PromptFormat = FAKE_PROMPT,
-                n_ctx: int = 4096, stop: tuple[str, ...] = (), **settings) -> Router:
+                n_ctx: int = 4096, stop: tuple[str, ...] = (), large_prompt: PromptFormat | None = None,
+                **settings) -> Router:
     """A Router over two scripted fakes that share `script`."""
-    small = FakeBackend("fake-small", "small", script, n_ctx=n_ctx)
-    large = FakeBackend("fake-large", "large", script, n_ctx=n_ctx)
+    delimiter = settings.get("delimiter", "\n\n")
+    small = FakeBackend("fake-small", "small", script, n_ctx=n_ctx, delimiter=delimiter)
+    large = FakeBackend("fake-large", "large", script, n_ctx=n_ctx, delimiter=delimiter)
     settings.setdefault("estimator", parse_estimator("exact"))
-    return Router(ModelSlot("small", small, prompt, stop), ModelSlot("large", large, prompt, stop),
+    return Router(ModelSlot("small", small, prompt, stop), ModelSlot("large", large, large_prompt or prompt, stop),
                   policy, RouteSettings(**settings))
 
 
@@ -35,12 +47,12 @@ LN = math.log
 
 @pytest.fixture(scope="session")
 def real_engine():
-    """The packaged default pair, loaded once for the whole session."""
+    """The packaged tiny pair (SmolLM2-135M + Gemma 3 270M, fast), loaded once for the whole session."""
     from glimp_cli.config import load_registry
     from glimp_cli.engine import Engine
 
     registry = load_registry()
-    pair = registry.pair()
+    pair = registry.pair("tiny")
     engine = Engine.load(registry, pair, {"small", "large"})
     yield engine
     engine.close()

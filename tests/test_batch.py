@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import fake_router
 from glimp_cli import __version__
+from glimp_cli.backends.fake import tokenize_bytes
 from glimp_cli.backends.fake import ScriptedStep as S
 from glimp_cli.batch import (
-    BASELINE, PROBED, ROUTED, ResultsFile, check_writable, order_modes, pair_settings, result_record, run_batch,
+    BASELINE, PROBED, ROUTED, ResultsFile, batch_settings, check_writable, order_modes, pair_settings, result_record,
+    run_batch,
 )
-from glimp_cli.config import PairSpec
-from glimp_cli.errors import InputError, UsageError
+from glimp_cli.config import PairSpec, load_registry
+from glimp_cli.errors import InputError, ModelError, UsageError
 from glimp_cli.policies import make_policy
-from glimp_cli.questions import Question
+from glimp_cli.questions import Question, load_questions
 from glimp_cli.router import Router
 
 # With tau = 1.0 glimp routes small, large, small, large, then the large model answers: 3 of 5 large.
@@ -78,9 +83,10 @@ def test_result_record_of_a_routed_trace() -> None:
     assert [s["model"] for s in record["steps"]] == ["small", "large", "small", "large", "large"]
     assert [s["h_init"] for s in record["steps"]] == pytest.approx([0.5, 2.0, 0.3, 1.5, 0.1], abs=1e-5)
     assert record["model_steps"] == {"small": 2, "large": 3}
-    # The fake writes a token per character, plus two newline tokens ending each step.
-    assert record["tokens"] == {"small": sum(len(t) + 2 for t in ("small one", "small three")),
-                                "large": sum(len(t) + 2 for t in ("LARGE TWO", "LARGE FOUR", "The answer is 42."))}
+    # Each step is its text as the fake tokenizes it, plus two newline tokens ending it.
+    n = lambda t: len(tokenize_bytes(t.encode())) + 2  # noqa: E731
+    assert record["tokens"] == {"small": sum(n(t) for t in ("small one", "small three")),
+                                "large": sum(n(t) for t in ("LARGE TWO", "LARGE FOUR", "The answer is 42."))}
     assert record["large_share_steps"] == pytest.approx(GLIMP_SHARE)
     assert record["wall_seconds"] > 0 and record["probe_seconds"] > 0
     assert set(record["evaluated_tokens"]) == {"small", "large"}
@@ -113,10 +119,40 @@ def test_a_new_run_refuses_a_non_empty_file_unless_overwriting(tmp_path: Path) -
         ResultsFile.open(path, resume=False, settings_key=KEY)
     assert path.read_text() == '{"old": 1}\n'
     out, done = ResultsFile.open(path, resume=False, settings_key=KEY, overwrite=True)
+    assert done == set() and path.read_text() == '{"old": 1}\n'  # not before the run can start
+    out.start()
     out.close()
-    assert done == set() and path.read_text() == ""
+    assert path.read_text() == ""
     out, _ = ResultsFile.open(path, resume=False, settings_key=KEY)  # empty: nothing to lose
     out.close()
+
+
+def test_overwrite_keeps_the_old_results_when_the_models_fail_to_load(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"old": 1}\n')
+
+    def no_models(mode: str, settings: dict) -> Router:
+        raise ModelError("model 'fake-small': GGUF file not found: /nowhere.gguf")
+
+    out, done = ResultsFile.open(path, resume=False, settings_key=KEY, overwrite=True)
+    with out, pytest.raises(ModelError):
+        run_batch(no_models, QUESTIONS, ["glimp"], out, done, settings_for())
+    assert path.read_bytes() == b'{"old": 1}\n'
+    out, done = ResultsFile.open(path, resume=False, settings_key=KEY, overwrite=True)
+    with out:
+        run_batch(Routers(), QUESTIONS[:2], ["small"], out, done, settings_for())
+    assert [(r["id"], r["mode"]) for r in read(path)] == [("q1", "small"), ("q2", "small")]
+
+
+def test_a_second_writer_of_one_results_file_is_refused_while_the_first_holds_it(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    first, _ = ResultsFile.open(path, resume=False, settings_key=KEY)
+    with first:
+        for resume in (True, False):
+            with pytest.raises(InputError, match=r"r\.jsonl is being written by another glimp run"):
+                ResultsFile.open(path, resume=resume, settings_key=KEY, overwrite=not resume)
+    second, _ = ResultsFile.open(path, resume=True, settings_key=KEY)  # released on close
+    second.close()
 
 
 def test_check_writable_names_the_path(tmp_path: Path) -> None:
@@ -128,16 +164,29 @@ def test_check_writable_names_the_path(tmp_path: Path) -> None:
         check_writable(tmp_path)
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write to read-only directories")
 def test_check_writable_refuses_a_read_only_directory(tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o500)
+    # Permission bits stop a user; root (as on our machines and CI) needs the immutable attribute.
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if not root:
+        locked.chmod(0o500)
+    elif not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode:
+        pytest.skip("running as root on a file system without the immutable attribute")
     try:
         with pytest.raises(InputError, match="locked"):
             check_writable(locked / "r.jsonl")
     finally:
-        locked.chmod(0o700)
+        if root:
+            subprocess.run(["chattr", "-i", str(locked)], check=True)
+        else:
+            locked.chmod(0o700)
+
+
+def test_check_writable_refuses_a_path_under_a_regular_file(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(InputError, match="plain"):
+        check_writable(tmp_path / "plain" / "r.jsonl")
 
 
 def test_batch_writes_each_question_once_per_mode_with_one_router_per_mode(tmp_path: Path) -> None:
@@ -201,6 +250,134 @@ def test_resume_refuses_other_settings_and_names_the_key(tmp_path: Path) -> None
     out, done = ResultsFile.open(path, resume=True, settings_key={**KEY, "mode": "small", "large_share": 0.9})
     out.close()
     assert done == {("q1", "glimp"), ("q1", "random")}
+
+
+def test_resume_refuses_a_done_id_that_now_holds_another_question(tmp_path: Path) -> None:
+    source = tmp_path / "q.jsonl"
+    source.write_text("".join(json.dumps({"question": f"question {i}?", "answer": "42"}) + "\n" for i in range(1, 4)))
+    questions, _ = load_questions(source)  # ids are line numbers: "1", "2", "3"
+    path = tmp_path / "r.jsonl"
+    out, done = ResultsFile.open(path, resume=False, settings_key=KEY)
+    with out:
+        run_batch(Routers(), questions[:2], ["small"], out, done, settings_for())
+    before = path.read_bytes() + b'{"id": "3", "mo'  # a torn line: a refused resume must not repair it
+    path.write_bytes(before)
+    # The same file resumed: the done ids hold their questions, and the rest is pending.
+    out, done = ResultsFile.open(path, resume=True, settings_key=KEY, questions=questions, source=source)
+    out.close()
+    assert done == {("1", "small"), ("2", "small")}
+    path.write_bytes(before)
+    # A line inserted at the top: id "2" is now the old question 1, and so on.
+    source.write_text(json.dumps({"question": "a new first question?"}) + "\n" + source.read_text())
+    moved, _ = load_questions(source)
+    with pytest.raises(InputError) as refused:
+        ResultsFile.open(path, resume=True, settings_key=KEY, questions=moved, source=source)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"{path}: line 1 has id '1'" in message and f"{source}:1 has id '1'" in message
+    assert "'question 1?'" in message and "'a new first question?'" in message
+    assert path.read_bytes() == before
+    # Another dataset whose ids are not in the file at all shares nothing with it: nothing to refuse.
+    other = [Question("q9", "another dataset?", "1", 1)]
+    out, done = ResultsFile.open(path, resume=True, settings_key=KEY, questions=other, source=source)
+    out.close()
+    assert ("q9", "small") not in done
+
+
+def write_model_config(tmp_path: Path, **small_extra) -> Path:
+    """A registry whose small and large models are local GGUF-looking files (magic bytes only)."""
+    for name, size in (("s.gguf", 16), ("l.gguf", 32)):
+        (tmp_path / name).write_bytes(b"GGUF" + bytes(size - 4))
+    config = {
+        "prompts": {"p": {"style": "plain", "template": "Q: {question}\nA:", "answer_marker": "The answer is"}},
+        "models": {
+            "s": {"source": {"path": "s.gguf"}, "prompt": "p", **small_extra},
+            "l": {"source": {"path": "l.gguf"}, "prompt": "p", "stop": ["Question:"]},
+        },
+        "pairs": {"p": {"small": "s", "large": "l", "tau": 1.0}},
+    }
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_batch_settings_name_each_used_models_file_prompt_stop_and_context(tmp_path: Path) -> None:
+    registry = load_registry(write_model_config(tmp_path))
+    pair = registry.pair("p")
+    key = batch_settings(registry, pair, {"small", "large"}, probe_baseline=True,
+                         questions={"path": "/q.jsonl", "sha256": "ab", "offset": 0, "limit": 2, "shuffle_seed": None})
+    assert key["small_model"]["file"] == {"path": str(tmp_path / "s.gguf"), "size": 16}
+    assert key["large_model"]["file"] == {"path": str(tmp_path / "l.gguf"), "size": 32}
+    assert key["small_model"]["prompt"]["template"] == "Q: {question}\nA:"
+    assert key["large_model"]["stop"] == ["Question:"] and key["small_model"]["n_ctx"] == 4096
+    assert key["probe_baseline"] is True and key["questions"]["limit"] == 2
+    assert "large_model" not in batch_settings(registry, pair, {"small"})  # small alone locates no large model
+
+
+def resume_with(tmp_path: Path, path: Path, roles=("small", "large"), **small_extra):
+    registry = load_registry(write_model_config(tmp_path, **small_extra))
+    key = batch_settings(registry, registry.pair("p"), set(roles))
+    return ResultsFile.open(path, resume=True, settings_key=key)
+
+
+@pytest.mark.parametrize("change, setting, old, new", [
+    (dict(n_ctx=1024), "small_model.n_ctx", "4096", "1024"),
+    (dict(stop=["###"]), "small_model.stop", "[]", "['###']"),
+    (dict(prompt={"style": "plain", "template": "Question: {question}\nAnswer:"}), "small_model.prompt.answer_marker",
+     "'The answer is'", "None"),
+    (dict(threads=1), None, None, None),  # how many threads run it does not change what it writes
+])
+def test_resume_refuses_a_changed_model_file_prompt_stop_or_context_naming_old_and_new(
+        tmp_path: Path, change: dict, setting: str | None, old: str, new: str) -> None:
+    path = tmp_path / "r.jsonl"
+    registry = load_registry(write_model_config(tmp_path))
+    key = batch_settings(registry, registry.pair("p"), {"small", "large"})
+    out, done = ResultsFile.open(path, resume=False, settings_key=key)
+    with out:
+        run_batch(Routers(), QUESTIONS[:1], ["small"], out, done, lambda mode: {**key, "large_share": None})
+    before = path.read_bytes()
+    if setting is None:
+        resume_with(tmp_path, path, **change)[0].close()
+        return
+    with pytest.raises(InputError) as refused:
+        resume_with(tmp_path, path, **change)
+    assert f"{setting}={old} but this run has {setting}={new}" in str(refused.value)
+    assert path.read_bytes() == before
+
+
+def test_resume_refuses_another_model_file_of_the_same_name(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    registry = load_registry(write_model_config(tmp_path))
+    small_alone = batch_settings(registry, registry.pair("p"), {"small"})
+    out, done = ResultsFile.open(path, resume=False, settings_key=small_alone)
+    with out:
+        run_batch(Routers(), QUESTIONS[:1], ["small"], out, done, lambda mode: {**small_alone, "large_share": None})
+    # A record of small alone does not depend on the large model: a run that also uses it may resume.
+    resume_with(tmp_path, path)[0].close()
+    (tmp_path / "s.gguf").write_bytes(b"GGUF" + bytes(60))  # a re-quantised file under the same name
+    key = batch_settings(load_registry(tmp_path / "models.yaml"), registry.pair("p"), {"small"})
+    with pytest.raises(InputError, match=r"small_model\.file\.size=16 but this run has small_model\.file\.size=64"):
+        ResultsFile.open(path, resume=True, settings_key=key)
+
+
+def test_resume_refuses_another_probe_baseline_and_another_adaptive_target(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    key = {**KEY, "probe_baseline": False}
+
+    def settings(adaptive_share: float):
+        return lambda mode: {**key, "large_share": adaptive_share if mode == "adaptive" else None}
+
+    out, done = ResultsFile.open(path, resume=False, settings_key=key)
+    with out:
+        run_batch(Routers(), QUESTIONS[:1], ["large", "adaptive"], out, done, settings(0.5))
+    assert [r["settings"]["large_share"] for r in read(path)] == [None, 0.5]
+    with pytest.raises(InputError, match="probe_baseline=False but this run has probe_baseline=True"):
+        ResultsFile.open(path, resume=True, settings_key=lambda mode: {**settings(0.5)(mode), "probe_baseline": True})
+    with pytest.raises(InputError, match="line 2 was written with large_share=0.5 but this run has large_share=0.3"):
+        ResultsFile.open(path, resume=True, settings_key=settings(0.3))
+    out, done = ResultsFile.open(path, resume=True, settings_key=settings(0.5))
+    out.close()
+    assert done == {("q1", "large"), ("q1", "adaptive")}
 
 
 def test_random_runs_at_the_share_glimp_reached_on_the_same_questions(tmp_path: Path) -> None:

@@ -2,17 +2,19 @@
 
 Everything but the last test runs without a model: traces are written by the real batch loop over the
 scripted fake pair, and the CLI is pointed at them with --traces (Engine.load is made to fail, so a
-test that loads a model by mistake fails too). The last test runs a tiny real sweep on the default pair.
+test that loads a model by mistake fails too). The last test runs a tiny real sweep on the tiny pair.
 """
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import json
 import math
 import os
 import struct
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from glimp_cli.backends.fake import ScriptedStep as S
 from glimp_cli.batch import ResultsFile, pair_settings, run_batch
 from glimp_cli.cli import app
 from glimp_cli.config import PairSpec, load_registry, packaged_config
-from glimp_cli.errors import InputError, MissingExtraError
+from glimp_cli.errors import ConfigError, InputError, MissingExtraError, UsageError
 from glimp_cli.policies import adaptive, make_policy, share_threshold
 from glimp_cli.questions import Question
 from glimp_cli.report import ModeRow
@@ -433,7 +435,7 @@ pairs:
 """
 
 
-def test_write_changes_only_tau_and_keeps_comments_and_other_entries(tmp_path: Path, no_models) -> None:
+def test_write_changes_tau_adds_the_calibration_and_keeps_comments_and_other_entries(tmp_path: Path, no_models) -> None:
     traces = write_traces(tmp_path / "r.jsonl")
     records = [json.loads(line) for line in traces.read_text().splitlines()]
     for r in records:
@@ -446,46 +448,127 @@ def test_write_changes_only_tau_and_keeps_comments_and_other_entries(tmp_path: P
     assert "pairs.mine.tau = 1.5 (was 3.5)" in result.stdout
     changed = [line for line in difflib.ndiff(USER_YAML.splitlines(), config.read_text().splitlines())
                if line[:1] in "+-"]
-    assert changed == ["-     tau: 3.5              # set by hand", "+     tau: 1.5              # set by hand"]
-    assert load_registry(config).pair("mine").tau == 1.5 and load_registry(config).pair("other").tau == 0.75
+    # The traces were recorded with the settings "mine" has: nothing but tau and the record changes.
+    assert changed[:2] == ["-     tau: 3.5              # set by hand", "+     tau: 1.5              # set by hand"]
+    assert changed[2] == "+     calibration:" and all(line.startswith("+       ") for line in changed[3:])
+    assert "also set" not in result.stdout
+    assert f"recorded pairs.mine.calibration: large share 20%, 20 steps (small mode) from {traces}" in result.stdout
+    mine = load_registry(config).pair("mine")
+    assert mine.tau == 1.5 and load_registry(config).pair("other").tau == 0.75
+    record = mine.calibration
+    assert (record.tau, record.large_share, record.steps, record.mode, record.traces) == (1.5, 0.2, 20, "small", str(traces))
+    assert (record.delimiter, record.estimator, record.small) == ("\n\n", "exact", "smollm2-135m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models.yaml", "r.jsonl"]  # no temp file left
 
 
 def test_write_adds_a_full_entry_for_a_pair_that_lives_in_the_packaged_file(tmp_path: Path, no_models) -> None:
-    traces = write_traces(tmp_path / "r.jsonl")
+    default = load_registry(packaged_config()).pair("default")
+    # Traces of the packaged default pair's own models, whatever they are.
+    traces = retrace(write_traces(tmp_path / "r.jsonl"), models={"small": default.small, "large": default.large})
     user = tmp_path / "xdg" / "glimp" / "models.yaml"  # the user file, as glimp ask finds it
     user.parent.mkdir(parents=True)
     user.write_text("# mine\npairs:\n  other:\n    small: smollm2-135m\n    large: gemma3-270m\n")
     result = invoke("--traces", str(traces), "--large-share", "0.2", "--write")
     assert result.exit_code == 0, result.output
-    assert "added the pair's entry with pairs.default.tau = 1.5 (was 3.5)" in result.stdout
+    packaged = yaml.safe_load(packaged_config().read_text())["pairs"]["default"]
+    assert f"added the pair's entry with pairs.default.tau = 1.5 (was {packaged['tau']:g})" in result.stdout
     text = user.read_text()
     assert text.startswith("# mine\n") and "other:" in text
-    packaged = yaml.safe_load(packaged_config().read_text())["pairs"]["default"]
-    assert yaml.safe_load(text)["pairs"]["default"] == {**packaged, "tau": 1.5}
+    # The traces' settings that the packaged entry does not hold are written with tau.
+    differs = {key: getattr(PAIR, key) for key in cal.MEASURED_KEYS if getattr(PAIR, key) != getattr(default, key)}
+    assert differs  # the fake traces step at 256 tokens, the packaged pair at 128
+    written = yaml.safe_load(text)["pairs"]["default"]
+    assert {k: v for k, v in written.items() if k != "calibration"} == {**packaged, "tau": 1.5, **differs}
+    assert written["calibration"]["steps"] == 20 and written["calibration"]["large_share"] == 0.2
     assert load_registry().pair("default").tau == 1.5  # the layered registry sees it
 
 
-def test_write_refuses_traces_of_another_pair(tmp_path: Path, no_models) -> None:
+def test_write_refuses_traces_of_another_small_model(tmp_path: Path, no_models) -> None:
     traces = write_traces(tmp_path / "r.jsonl")
     config = tmp_path / "models.yaml"
-    config.write_text(USER_YAML)
+    config.write_text(USER_YAML.replace("small: smollm2-135m   # tiny", "small: gemma3-270m"))
+    before = config.read_text()
     line = one_line_error(invoke("--traces", str(traces), "--large-share", "0.2", "--write", "--config", str(config)), 2)
-    assert "not pair mine" in line and config.read_text() == USER_YAML
+    assert "measured with the small model 'smollm2-135m', but pair 'mine' uses 'gemma3-270m'" in line
+    assert config.read_text() == before
+
+
+def retrace(path: Path, **settings) -> Path:
+    """The traces file with these settings in every line, as a batch run with them records them."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:
+        r["settings"].update(settings)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_write_stores_the_delimiter_and_estimator_the_traces_were_recorded_with(tmp_path: Path, no_models) -> None:
+    traces = retrace(write_traces(tmp_path / "r.jsonl"), pair="mine", delimiter="\n", estimator="topk:20",
+                     questions={"path": "/data/calib.jsonl", "sha256": "ab", "offset": 0, "limit": 4})
+    config = tmp_path / "models.yaml"
+    config.write_text(USER_YAML)
+    result = invoke("--traces", str(traces), "--large-share", "0.2", "--write", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert ("also set delimiter = '\\n' (was '\\n\\n'), estimator = 'topk:20' (was 'exact'): the recorded "
+            "H_init values depend on them") in result.stdout
+    mine = load_registry(config).pair("mine")
+    assert (mine.tau, mine.delimiter, mine.estimator, mine.max_tokens) == (1.5, "\n", "topk:20", 256)
+    assert (mine.calibration.questions, mine.calibration.delimiter, mine.calibration.estimator) == (
+        "/data/calib.jsonl", "\n", "topk:20")
+    assert mine.calibration.date  # an ISO timestamp, kept a string through YAML
+    # Written again from the same traces: the pair now agrees, so only tau and the record are set.
+    again = invoke("--traces", str(traces), "--large-share", "0.2", "--write", "--config", str(config))
+    assert again.exit_code == 0 and "also set" not in again.stdout
+
+
+def test_write_refuses_traces_recorded_with_two_delimiters(tmp_path: Path, no_models) -> None:
+    traces = write_traces(tmp_path / "r.jsonl")
+    lines = traces.read_text().splitlines(keepends=True)
+    other = json.loads(lines[0])
+    assert other["mode"] == "small"  # the mode whose steps are read
+    other["settings"]["delimiter"] = "\n"
+    traces.write_text(json.dumps(other) + "\n" + "".join(lines[1:]))
+    line = one_line_error(invoke("--traces", str(traces), "--large-share", "0.2", "--write"), 1)
+    assert "its small traces were recorded with delimiter='\\n' and with delimiter='\\n\\n'" in line
+
+
+def test_settings_to_write_compares_the_large_model_only_where_it_shaped_the_steps() -> None:
+    measured = cal.Measured({key: getattr(PAIR, key) for key in cal.MEASURED_KEYS}, PAIR.small, "another-large")
+    assert cal.settings_to_write(PAIR, measured, uses_large=False) == {}
+    with pytest.raises(UsageError, match="large model 'another-large', but pair 'default' uses 'gemma3-270m'"):
+        cal.settings_to_write(PAIR, measured, uses_large=True)
+    sampled = replace(measured, large=PAIR.large, settings={**measured.settings, "temperature": 0.6})
+    assert cal.settings_to_write(PAIR, sampled, uses_large=True) == {"temperature": (0.0, 0.6)}
+
+
+@pytest.mark.parametrize("calibration, problem", [
+    ({"tau": 1.0, "steps": 10, "colour": "red"}, "calibration: unknown key 'colour'"),
+    ({"tau": 1.0}, "calibration: missing key 'steps'"),
+    ({"tau": 1.0, "steps": "many"}, "calibration.steps: expected an integer"),
+    ({"tau": 1.0, "steps": 10, "large_share": 1.5}, "calibration.large_share: must be between 0 and 1"),
+    ({"tau": 1.0, "steps": 10, "date": datetime.date(2026, 1, 2)}, "calibration.date: expected a string"),
+])
+def test_a_calibration_record_is_validated_like_the_rest_of_the_pair(tmp_path: Path, calibration, problem) -> None:
+    config = tmp_path / "models.yaml"
+    config.write_text(yaml.safe_dump({"pairs": {"mine": {"small": "smollm2-135m", "large": "gemma3-270m",
+                                                          "calibration": calibration}}}))
+    with pytest.raises(ConfigError, match=f"{config}: pairs.mine.{problem}"):
+        load_registry(config).pair("mine")
 
 
 def test_write_needs_a_chosen_tau() -> None:
     assert "--write needs a tau" in one_line_error(invoke("--write"), 2)
 
 
-# --- a real sweep on the default pair ------------------------------------------------------------------
+# --- a real sweep on the tiny pair ------------------------------------------------------------------
 
 
 @pytest.fixture
 def one_thread(tmp_path) -> Path:
-    """The packaged models.yaml with the default pair on one thread per model (see test_cli_batch)."""
+    """The packaged models.yaml with the tiny pair as the default, one thread per model (see test_cli_batch)."""
     config = yaml.safe_load(packaged_config().read_text(encoding="utf-8"))
-    pair = config["pairs"][config["default_pair"]]
+    config["default_pair"] = "tiny"
+    pair = config["pairs"]["tiny"]
     for role in ("small", "large"):
         config["models"][pair[role]]["threads"] = 1
     path = tmp_path / "one-thread.yaml"
@@ -526,3 +609,35 @@ def test_a_real_sweep_writes_the_frontier_and_reuses_its_runs(tmp_path: Path, on
     assert again.exit_code == 0, again.output
     assert "reused 2 results" in again.stderr
     assert {p.name: p.stat().st_size for p in runs.iterdir()} == sizes
+
+
+@pytest.mark.real
+def test_a_written_calibration_is_what_ask_then_runs_with(tmp_path: Path) -> None:
+    config = yaml.safe_load(packaged_config().read_text(encoding="utf-8"))
+    name = "tiny" if "tiny" in config["pairs"] else config["default_pair"]  # the smallest packaged pair
+    for role in ("small", "large"):
+        config["models"][config["pairs"][name][role]]["threads"] = 1
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert config["pairs"][name].get("delimiter", "\n\n") != "\n"
+    assert config["pairs"][name].get("estimator", "exact") != "topk:20"
+    short = ["--max-tokens", "48", "--max-step-tokens", "32"]
+    written = invoke("--config", str(path), "--pair", name, "--limit", "2", "--large-share", "0.3",
+                     "--delimiter", "\\n", "--estimator", "topk:20", "--runs-dir", str(tmp_path / "runs"),
+                     "--write", *short)
+    assert written.exit_code == 0, written.output
+    assert "also set delimiter = '\\n'" in written.stdout and "estimator = 'topk:20'" in written.stdout
+    pair = load_registry(path).pair(name)
+    record = pair.calibration
+    assert (record.delimiter, record.estimator, pair.delimiter, pair.estimator) == ("\n", "topk:20", "\n", "topk:20")
+    assert record.questions == str(cal.calibration_set().resolve()) and record.steps >= 2
+    assert record.large_share == 0.3 and record.tau == pair.tau
+
+    asked = CliRunner().invoke(app, ["ask", GSM8K_QUESTIONS[1], "--config", str(path), "--pair", name, "--json",
+                                     "--verbose", *short])
+    assert asked.exit_code == 0, asked.output
+    trace = json.loads(asked.stdout)
+    assert trace["estimator"] == record.estimator and trace["tau"] == record.tau
+    # ask --json does not print the delimiter; --verbose says which one it ran with, and from where.
+    assert "delimiter = '\\n'  (models.yaml)" in asked.stderr
+    assert all("\n" not in step["text"].strip("\n") for step in trace["steps"] if step["stop_reason"] == "delimiter")

@@ -52,7 +52,7 @@ def one_line_error(result, *needles):
 
 @pytest.mark.real
 def test_ask_json_matches_the_trace():
-    result = runner.invoke(app, ["ask", QUESTION, "--json", "--max-tokens", "64", "--tau", "3.5"])
+    result = runner.invoke(app, ["ask", QUESTION, "--pair", "tiny", "--json", "--max-tokens", "64", "--tau", "3.5"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     steps = record["steps"]
@@ -70,7 +70,7 @@ def test_ask_json_matches_the_trace():
 
 @pytest.mark.real
 def test_ask_streams_plain_text_without_escape_codes():
-    result = runner.invoke(app, ["ask", QUESTION, "--max-tokens", "48", "--mode", "large"])
+    result = runner.invoke(app, ["ask", QUESTION, "--pair", "tiny", "--max-tokens", "48", "--mode", "large"])
     assert result.exit_code == 0, result.output
     assert "\x1b[" not in result.stdout
     assert "step 1 · large" in result.stdout and "wall time" in result.stdout
@@ -85,7 +85,8 @@ def test_unknown_key_in_config_names_file_and_key(tmp_path):
 def test_wrong_type_in_config_names_the_key(tmp_path):
     config = tmp_path / "models.yaml"
     config.write_text("models:\n  gemma3-270m:\n    source: {path: x.gguf}\n    prompt: fewshot-qa\n    n_ctx: big\n")
-    one_line_error(runner.invoke(app, ["ask", QUESTION, "--config", str(config)]), "models.gemma3-270m.n_ctx")
+    one_line_error(runner.invoke(app, ["ask", QUESTION, "--config", str(config), "--pair", "tiny"]),
+                   "models.gemma3-270m.n_ctx")
 
 
 def test_missing_gguf_file(tmp_path):
@@ -126,11 +127,19 @@ def test_empty_question_is_a_usage_error():
     assert result.exit_code == 2 and "question is empty" in result.output
 
 
-def test_bad_flag_values_are_refused_before_loading():
-    result = runner.invoke(app, ["ask", QUESTION, "--top-p", "0"])
-    assert result.exit_code == 1 and "top_p" in result.output
-    result = runner.invoke(app, ["ask", QUESTION, "--estimator", "topk:1"])
-    assert result.exit_code == 1 and "topk" in result.output
+@pytest.mark.parametrize("flag, value, needle", [("--top-p", "0", "top_p"), ("--estimator", "topk:1", "topk:1")])
+def test_bad_flag_values_are_refused_before_loading(tmp_path, flag, value, needle):
+    # A model that cannot be loaded: trying to load it first would give "not found" instead.
+    config = write_config(tmp_path, "path: nowhere.gguf")
+    one_line_error(runner.invoke(app, ["ask", QUESTION, "--config", str(config), flag, value]), needle)
+    # With the packaged pair, which would load: llama.cpp is never even imported.
+    code = ("import sys; from glimp_cli.cli import main\n"
+            f"sys.argv = ['glimp', 'ask', 'q?', {flag!r}, {value!r}]\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+            "assert 'llama_cpp' not in sys.modules, 'llama_cpp was imported'\n"
+            "sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and needle in result.stderr + result.stdout, (result.stdout, result.stderr)
 
 
 def test_models_lists_a_broken_entry_with_its_error(tmp_path):
@@ -180,7 +189,7 @@ def test_ctrl_c_prints_what_was_written_and_exits_130():
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "glimp_cli", "ask", QUESTION, "--mode", "large", "--max-tokens", "2000",
+        [sys.executable, "-m", "glimp_cli", "ask", QUESTION, "--pair", "tiny", "--mode", "large", "--max-tokens", "2000",
          "--max-step-tokens", "2000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     seen = ""

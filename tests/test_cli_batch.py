@@ -1,4 +1,4 @@
-"""`glimp batch` and `glimp report` through the command line, on the real default pair with tiny budgets.
+"""`glimp batch` and `glimp report` through the command line, on the real tiny pair with tiny budgets.
 
 The pair runs on one thread per model (an overlay of the packaged models.yaml): llama.cpp's threads
 spin-wait for each other, and with every core in use while other tests share the machine, a run
@@ -40,9 +40,10 @@ RUN_SECONDS = 300
 
 @pytest.fixture(scope="module")
 def one_thread(tmp_path_factory) -> Path:
-    """The packaged models.yaml with the default pair's models on one thread each."""
+    """The packaged models.yaml with the tiny pair as the default and its models on one thread each."""
     config = yaml.safe_load(packaged_config().read_text(encoding="utf-8"))
-    pair = config["pairs"][config["default_pair"]]
+    config["default_pair"] = "tiny"
+    pair = config["pairs"]["tiny"]
     for role in ("small", "large"):
         config["models"][pair[role]]["threads"] = 1
     path = tmp_path_factory.mktemp("config") / "models.yaml"
@@ -116,7 +117,7 @@ def test_batch_writes_one_line_per_question_and_mode(batch_run) -> None:
     for r in records:
         assert FIELDS <= set(r), FIELDS - set(r)
         assert r["settings"]["max_tokens"] == 48 and r["settings"]["max_step_tokens"] == 32
-        assert r["settings"]["pair"] == "default" and set(r["settings"]["models"]) == {"small", "large"}
+        assert r["settings"]["pair"] == "tiny" and set(r["settings"]["models"]) == {"small", "large"}
         assert r["steps"] and sum(r["model_steps"].values()) == len(r["steps"])
     by_mode = {m: [r for r in records if r["mode"] == m] for m in MODES}
     assert [r["reference"] for r in by_mode["glimp"]] == ["18", "3"]
@@ -170,6 +171,47 @@ def test_resume_with_other_settings_is_refused(batch_run, no_model_load) -> None
     assert stderr_lines(result)[-1].startswith("glimp: error: ")
     assert "tau=3.5" in result.stderr and "tau=9.5" in result.stderr
     assert out.read_bytes() == before and no_model_load == []
+
+
+def test_resume_with_another_probe_baseline_or_questions_file_is_refused(batch_run, tmp_path, no_model_load) -> None:
+    questions, out, args, _ = batch_run
+    before = out.read_bytes()
+    probed = CliRunner().invoke(app, [*args, "--resume", "--probe-baseline"])
+    assert probed.exit_code == 1 and len(stderr_lines(probed)) == 2  # the skipped input line, then the error
+    assert "probe_baseline=False but this run has probe_baseline=True" in stderr_lines(probed)[-1]
+    # Another dataset whose ids are line numbers, like q0/q1 here... and ids that collide with this file's.
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "q1", "question": GSM8K_QUESTIONS[3], "answer": "14"}) + "\n")
+    swapped = CliRunner().invoke(app, [*args[:1], str(other), *args[2:], "--resume"])
+    assert swapped.exit_code == 1 and len(stderr_lines(swapped)) == 1, swapped.output
+    assert "has id 'q1'" in swapped.stderr and f"{other}:1 has id 'q1'" in swapped.stderr
+    assert out.read_bytes() == before and no_model_load == []
+
+
+def broken_model_config(tmp_path: Path, one_thread: Path, gguf: bytes | None) -> Path:
+    """The one-thread config with the small model's file replaced: missing (None) or these bytes."""
+    config = yaml.safe_load(one_thread.read_text(encoding="utf-8"))
+    small = config["pairs"][config["default_pair"]]["small"]
+    if gguf is not None:
+        (tmp_path / "broken.gguf").write_bytes(gguf)
+    config["models"][small]["source"] = {"path": str(tmp_path / "broken.gguf")}
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("gguf", [None, b"GGUF" + bytes(64)], ids=["missing", "truncated"])
+def test_overwrite_keeps_the_old_results_byte_for_byte_when_a_model_cannot_load(tmp_path, one_thread, gguf) -> None:
+    questions = write_questions(tmp_path / "q.jsonl", 2)
+    out = tmp_path / "r.jsonl"
+    old = b'{"earlier": "results", "kept": "\xc3\xa9"}\n{"torn'
+    out.write_bytes(old)
+    config = broken_model_config(tmp_path, one_thread, gguf)
+    result = CliRunner().invoke(app, ["batch", str(questions), "-o", str(out), "--overwrite", "--mode", "glimp",
+                                      "--config", str(config), *TINY])
+    assert result.exit_code == 1, result.output
+    assert stderr_lines(result)[0].startswith("glimp: error: ") and "broken.gguf" in result.stderr
+    assert out.read_bytes() == old
 
 
 @pytest.mark.parametrize("case", ["missing directory", "directory", "exists"])
@@ -272,3 +314,34 @@ def test_ctrl_c_then_kill_then_resume_gives_every_pair_exactly_once(tmp_path) ->
     assert sorted((r["id"], r["mode"]) for r in final) == wanted
     assert final[: len(killed)] == killed  # earlier results are kept as they were
     assert "glimp" in stdout and "large" in stdout
+
+
+def test_a_second_batch_on_the_same_file_is_refused_while_the_first_runs(tmp_path) -> None:
+    questions = write_questions(tmp_path / "q.jsonl", 3)
+    out = tmp_path / "r.jsonl"
+    first = glimp_process(questions, out)
+    try:
+        deadline = time.monotonic() + FIRST_LINE_SECONDS
+        while complete_lines(out) < 1:
+            assert first.poll() is None, f"the batch ended early:\n{first.communicate()[1]}"
+            assert time.monotonic() < deadline, f"no result within {FIRST_LINE_SECONDS} s"
+            time.sleep(0.02)
+        # Paused mid-run, so it certainly still holds the file while the second one tries.
+        first.send_signal(signal.SIGSTOP)
+        second = glimp_process(questions, out, "--resume")
+        _, stderr = second.communicate(timeout=RUN_SECONDS)
+        first.send_signal(signal.SIGCONT)
+        _, first_stderr = first.communicate(timeout=RUN_SECONDS)
+    finally:
+        for process in (first,):
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.kill()
+                process.wait()
+    assert second.returncode == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0] == (f"glimp: error: {out} is being written by another glimp run: "
+                                              "wait for it to finish, or write to another file")
+    assert first.returncode == 0, first_stderr
+    pairs = [(r["id"], r["mode"]) for r in read_lines(out)]
+    assert sorted(pairs) == sorted((f"q{i}", m) for i in range(3) for m in ("glimp", "large"))

@@ -47,11 +47,15 @@ PLAIN = PromptFormat(style="plain", template="Q: {question}\nA:\n", answer_marke
 # A scripted fake OpenAI-compatible server, for exact error paths.
 # ---------------------------------------------------------------------------------------------
 
+CUT = None  # in a scripted stream: close the connection without [DONE]
+
+
 class FakeServer:
     """An http.server on 127.0.0.1 that answers each path from a queue of scripted replies.
 
-    A reply is (status, body) with body a dict (JSON), a str (sent as is), or a list of dicts
-    (sent as a server-sent-event stream ending in [DONE]); ("sleep", seconds) to stall; or a
+    A reply is (status, body) with body a dict (JSON), a str (sent as is), or a list of events
+    (sent as a server-sent-event stream ending in [DONE]: a dict is one `data:` line, a str is raw
+    stream text, CUT closes the connection there); ("sleep", seconds) to stall; or a
     callable of the request body giving one of those. A path's last reply repeats. Every request
     is recorded as (path, body, headers).
     """
@@ -88,7 +92,10 @@ class FakeServer:
                     self.end_headers()
                     try:
                         for event in payload:
-                            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                            if event is CUT:
+                                return  # the connection closes here, no [DONE]
+                            raw = event if isinstance(event, str) else f"data: {json.dumps(event)}\n\n"
+                            self.wfile.write(raw.encode())
                             self.wfile.flush()
                         self.wfile.write(b"data: [DONE]\n\n")
                     except (BrokenPipeError, ConnectionResetError):
@@ -198,6 +205,22 @@ def test_a_500_is_retried_and_the_second_answer_is_used(fake_server):
     assert len(fake_server.posted("/v1/completions")) == 2
 
 
+def test_an_answer_step_over_http_runs_past_its_delimiter_and_step_limit(fake_server):
+    # One event per token: `The answer is:` then the number on the next line, then more text.
+    tokens = ["The", " answer", " is", ":", "\n", "4", "2", "\n", "more", "\n"]
+    fake_server.on("/v1/completions", (200, [event(t) for t in tokens] + [event("", "length")]))
+    backend = fast(connect(spec_for(fake_server.url)))
+    backend.text = "Q: x\nA:\n"
+    stop = StepStop("\n", max_new_tokens=4, final_markers=("The answer is",), answer_tokens=50)
+    written = backend.write(None, stop, Sampling(), np.random.default_rng(0))
+    assert written.text == "The answer is:\n42" and written.reason == "delimiter"
+    assert fake_server.posted("/v1/completions")[0]["max_tokens"] == 50
+    # A step that is not the answer still ends at its own limit.
+    fake_server.on("/v1/completions", (200, [event(t) for t in ["a", "b", "c", "d", "e", "\n"]] + [event("", "stop")]))
+    written = backend.write(None, stop, Sampling(), np.random.default_rng(0))
+    assert written.text == "abcd" and written.reason == "length"
+
+
 def test_5xx_every_time_gives_up_after_max_retries(fake_server):
     fake_server.on("/v1/completions", (503, {"detail": "overloaded"}))
     backend = fast(connect(spec_for(fake_server.url, max_retries=2)))
@@ -292,7 +315,9 @@ def test_the_probe_holds_the_delimiter_back_and_reads_after_the_forced_tokens(fa
     assert body["temperature"] == 0.0 and body["stream"] is True
     assert logprobs.tolist() == [-0.2, -2.0]  # best first, cut to K
     assert backend.probe_form == RUNNING_FORM
-    assert topk_entropy_from_logprobs(logprobs) == pytest.approx(topk_entropy(np.array([-0.2, -2.0]), 2))
+    # H_init is the entropy of those two renormalised, written out by hand.
+    p = [math.exp(-0.2) / (math.exp(-0.2) + math.exp(-2.0)), math.exp(-2.0) / (math.exp(-0.2) + math.exp(-2.0))]
+    assert topk_entropy_from_logprobs(logprobs) == pytest.approx(-sum(x * math.log(x) for x in p), abs=1e-12)
 
 
 def test_a_server_that_ignores_logit_bias_falls_back_to_the_text_end_form(fake_server):
@@ -352,6 +377,33 @@ def test_a_stream_cut_without_a_finish_reason_is_an_error_not_a_short_step(fake_
     one_line(info.value, "without a finish reason", "--interrupt_requests false")
     with pytest.raises(BackendError):
         backend.next_logits()
+
+
+def test_an_event_whose_data_spans_several_lines_is_one_event(fake_server):
+    # SSE joins the `data:` lines of one event with newlines; a server may split its JSON that way.
+    multi_line = "".join(f"data: {line}\n" for line in json.dumps(event(" cat"), indent=1).splitlines()) + "\n"
+    assert multi_line.count("data:") > 3
+    fake_server.on("/v1/completions", (200, [event("The"), multi_line, ": keep-alive\n\n", event(" sat."),
+                                             event("", "stop")]))
+    backend = connect(spec_for(fake_server.url))
+    written = backend.write(None, StepStop("\n\n"), Sampling(), np.random.default_rng(0))
+    assert written.text == "The cat sat." and written.reason == "eos" and len(written.tokens) == 3
+
+
+def test_a_stream_whose_connection_closes_before_done_is_one_error(fake_server):
+    fake_server.on("/v1/completions", (200, [event("a"), event("b"), CUT]))
+    backend = connect(spec_for(fake_server.url))
+    with pytest.raises(BackendError) as info:
+        backend.write(None, StepStop("\n\n"), Sampling(), np.random.default_rng(0))
+    one_line(info.value, "ended without [DONE]", f"{fake_server.url}/completions")
+
+
+def test_a_json_error_in_answer_to_a_stream_is_one_line(fake_server):
+    fake_server.on("/v1/completions", (200, {"error": {"message": "model is loading"}}))
+    backend = connect(spec_for(fake_server.url))
+    with pytest.raises(BackendError) as info:
+        backend.write(None, StepStop("\n\n"), Sampling(), np.random.default_rng(0))
+    one_line(info.value, "server error: model is loading", "model 'remote'")
 
 
 def test_a_prompt_the_server_refuses_as_too_long_is_the_questions_context_limit(fake_server):

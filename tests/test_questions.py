@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from glimp_cli.errors import InputError, UsageError
-from glimp_cli.questions import Question, Skipped, load_questions
+from glimp_cli.questions import Question, Skipped, load_questions, question_source
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
@@ -100,6 +101,19 @@ def test_shuffle_then_offset_and_limit(tmp_path: Path) -> None:
     assert load_questions(path, shuffle=True, seed=2)[0] != shuffled
     with pytest.raises(UsageError):
         load_questions(path, offset=-1)
+
+
+def test_question_source_names_the_file_by_path_and_content_and_the_selection(tmp_path: Path, monkeypatch) -> None:
+    path = write(tmp_path, '{"question": "a"}', '{"question": "b"}')
+    monkeypatch.chdir(tmp_path)
+    source = question_source("q.jsonl", limit=1, offset=1, shuffle=True, seed=7)
+    assert source == {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                      "offset": 1, "limit": 1, "shuffle_seed": 7}
+    assert question_source(path)["shuffle_seed"] is None and question_source(path)["limit"] is None
+    path.write_text('{"question": "a"}\n{"question": "b!"}\n')
+    assert question_source(path)["sha256"] != source["sha256"]
+    with pytest.raises(InputError, match="nope.jsonl"):
+        question_source(tmp_path / "nope.jsonl")
 
 
 @needs_data

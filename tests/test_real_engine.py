@@ -1,4 +1,4 @@
-"""The loop on the real llama.cpp and the packaged default pair (SmolLM2-135M small, Gemma 3 270M large)."""
+"""The loop on the real llama.cpp and the packaged tiny pair (SmolLM2-135M small, Gemma 3 270M large)."""
 
 from __future__ import annotations
 

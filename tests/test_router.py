@@ -7,20 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from conftest import FAKE_PROMPT, fake_router
-from glimp_cli.backends.fake import WRONG_FORM_PENALTY, FakeBackend, ScriptedStep as S
+from conftest import FAKE_PROMPT, FIVE_STEPS as SCRIPT, fake_router
+from glimp_cli.backends.fake import (MERGED_BLANK_LINE, WRONG_FORM_PENALTY, FakeBackend, ScriptedStep as S,
+                                     tokenize_bytes)
 from glimp_cli.config import PromptFormat
+from glimp_cli.entropy import exact_entropy
 from glimp_cli.errors import ContextLimitError, UsageError
 from glimp_cli.policies import always_large, always_small, random_share, threshold
-from glimp_cli.router import ModelSlot, RouteSettings, Router
+from glimp_cli.router import ModelSlot, RouteSettings, Router, _stable_hash
+from glimp_cli.sampling import Sampling, sample_token
 
-SCRIPT = [
-    S(0.5, "small one", "LARGE ONE"),
-    S(2.0, "small two", "LARGE TWO"),
-    S(0.3, "small three", "LARGE THREE"),
-    S(1.5, "small four", "LARGE FOUR"),
-    S(0.1, "The answer is 4.", "The answer is 42."),
-]
+MARKER_TOKENS = len(tokenize_bytes(b"The answer is"))  # as the fake writes it: "The", " answer", " is"
 
 
 def run(router, question="q?"):
@@ -36,7 +33,7 @@ def test_threshold_routes_each_step_and_large_writes_the_answer():
     assert trace.stop_reason == "answer"
     assert trace.answer_text == "The answer is 42."
     # The small model's draft of the answer was thrown away as soon as the marker appeared.
-    assert steps[-1].discarded_tokens == len("The answer is")
+    assert steps[-1].discarded_tokens == MARKER_TOKENS
     assert all(s.discarded_tokens == 0 for s in steps[:-1])
 
 
@@ -44,8 +41,7 @@ def test_h_init_does_not_depend_on_who_wrote_the_previous_step():
     # The fake shows H_init + penalty after the merged blank-line token: any step appended in
     # the tokenizer's end-of-text form instead of the running form would shift these values.
     for policy in (threshold(1.0), always_small(), threshold(-math.inf)):
-        policy_run = fake_router(SCRIPT, policy if policy.needs_probe else threshold(-1))
-        _, steps = run(policy_run)
+        _, steps = run(fake_router(SCRIPT, policy))
         probed = [s for s in steps if s.h_init is not None]
         assert probed
         for s in probed:
@@ -59,7 +55,14 @@ def test_a_writer_that_emits_the_merged_form_is_settled_to_the_running_form():
                     threshold(1.0), RouteSettings())
     _, steps = run(router)
     assert [s.h_init for s in steps] == pytest.approx([0.5, 2.0, 0.3, 1.5, 0.1], abs=1e-5)
-    assert WRONG_FORM_PENALTY > 0.5
+
+
+def test_the_fake_shows_the_delimiter_trap():
+    # The fake itself must punish the merged form, or the two tests above could not fail.
+    small = FakeBackend("s", "small", SCRIPT)
+    small.extend(small.tokenize("Q: q\nA:\nsmall one\n\n"))
+    assert small.tokens[-1] == MERGED_BLANK_LINE
+    assert exact_entropy(small.next_logits()) == pytest.approx(SCRIPT[1].h_init + WRONG_FORM_PENALTY, abs=1e-4)
 
 
 def test_probe_token_is_kept_and_each_model_evaluates_its_context_once():
@@ -136,7 +139,8 @@ def test_trace_stop_reasons(case, expected):
     if case == "max_tokens":
         assert sum(s.tokens for s in steps) == 10
     if case == "repetition":
-        assert [s.text for s in steps] == ["aaaa", "bbbb", "CCCC", "aaaa"]
+        # A run of three steps came round again: that is a loop, caught when it completes.
+        assert [s.text for s in steps] == ["aaaa", "bbbb", "CCCC"] * 2
     if case == "stop_string":
         assert steps[-1].text == "ok " and steps[-1].model == "large"
 
@@ -199,7 +203,7 @@ def test_streamed_text_is_exactly_the_step_text():
         elif event[0] == "text":
             streamed[current] += event[1]
     assert streamed == {s.index: s.text for s in steps}
-    assert ("discard", 4, len("The answer is")) in listener.events
+    assert ("discard", 4, MARKER_TOKENS) in listener.events
 
 
 def test_small_reasoning_before_the_answer_marker_is_kept_and_the_large_model_answers():
@@ -208,18 +212,22 @@ def test_small_reasoning_before_the_answer_marker_is_kept_and_the_large_model_an
     trace, steps = run(router)
     assert [(s.model, s.text) for s in steps] == [("small", "two and two make 4."), ("large", "The answer is 4.")]
     assert steps[0].stop_reason == "handover" and steps[1].h_init is None
-    assert steps[0].discarded_tokens == len(" The answer is")
+    assert steps[0].discarded_tokens == len(tokenize_bytes(b" The answer is"))
     small = router._sides["small"].backend
     text = b"".join(small.token_bytes(t) for t in small.tokens).decode()
     assert text.endswith("A:\ntwo and two make 4.\n\n")
     assert trace.answer_text == "The answer is 4."
 
 
-def test_the_handed_over_answer_is_one_large_step_even_without_the_marker():
-    script = [S(0.1, "aaaa<eos>", "AAAA"), S(0.1, "zzz", "it is 1"), S(0.1, "yyy", "more text")]
+def test_after_a_handover_the_large_model_writes_until_it_states_the_answer():
+    # Large alone would go on to the marker; a handover must not take its first step as the answer.
+    script = [S(0.1, "so 2+2=4. The answer is 4.", "X"), S(0.1, "zzz", "Let me double check."),
+              S(0.1, "zzz", "The answer is 4.")]
     trace, steps = run(fake_router(script, threshold(1.0)))
-    assert [(s.model, s.text) for s in steps] == [("small", "aaaa"), ("large", "it is 1")]
-    assert trace.stop_reason == "answer" and trace.answer_text == "it is 1"
+    assert [(s.model, s.text) for s in steps] == [
+        ("small", "so 2+2=4."), ("large", "Let me double check."), ("large", "The answer is 4.")]
+    assert [s.h_init is None for s in steps] == [False, True, True]  # the answer phase probes nothing
+    assert trace.stop_reason == "answer" and trace.answer_text == "The answer is 4."
 
 
 def test_step_entropy_policy_drafts_and_rewrites_uncertain_steps():
@@ -237,3 +245,111 @@ def test_step_entropy_policy_drafts_and_rewrites_uncertain_steps():
     _, steps = run(fake_router(script, step_perplexity(1.05)))
     assert [s.model for s in steps] == ["large", "small", "large"]
     assert steps[0].draft_signal.perplexity > steps[1].draft_signal.perplexity > 1.0
+
+
+THINK = PromptFormat(style="plain", template="Q: {question}\nA:\n", answer_marker="</think>", answer_until_eos=True)
+
+
+def test_small_mode_on_a_reasoning_prompt_writes_its_own_answer_to_the_end():
+    # Small alone never loads the large model: `</think>` must not route anything to it.
+    script = [S(0.1, "think a", "X"), S(0.1, "think b</think>", "X"), S(0.1, "so \\boxed{4}<eos>", "X")]
+    small = FakeBackend("fake-small", "small", script)
+    router = Router(ModelSlot("small", small, THINK), ModelSlot("large", None, THINK), always_small(), RouteSettings())
+    trace, steps = run(router)
+    assert [s.model for s in steps] == ["small", "small"]
+    # The answer after </think> runs past the delimiter to the end of generation.
+    assert steps[-1].text == "think b</think>\n\nso \\boxed{4}"
+    assert trace.stop_reason == "answer" and trace.answer_text.endswith("so \\boxed{4}")
+
+
+def test_glimp_mode_on_a_reasoning_prompt_hands_the_answer_to_the_large_model():
+    script = [S(0.1, "think a", "X"), S(0.1, "think b</think>", "X"), S(0.1, "zzz", "</think>"),
+              S(0.1, "zzz", "the answer \\boxed{4}<eos>")]
+    trace, steps = run(fake_router(script, threshold(1.0), prompt=THINK))
+    assert [(s.model, s.text) for s in steps] == [
+        ("small", "think a"), ("small", "think b"), ("large", "</think>\n\nthe answer \\boxed{4}")]
+    assert trace.stop_reason == "answer"
+
+
+@pytest.mark.parametrize("policy", [threshold(1.0), always_small(), always_large()], ids=["glimp", "small", "large"])
+def test_the_answer_step_runs_past_the_delimiter_to_the_answer(policy):
+    # A one-line delimiter: `The answer is:` and the number on the next line are one answer step.
+    script = [S(0.1, "x = 40 + 2", "x = 40 + 2"), S(2.0, "The answer is:", "The answer is:"),
+              S(0.1, "42", "42"), S(0.1, "then more", "then more")]
+    trace, steps = run(fake_router(script, policy, delimiter="\n"))
+    assert steps[-1].text == "The answer is:\n42"
+    assert trace.stop_reason == "answer" and trace.answer_text == "The answer is:\n42"
+    assert steps[-1].model == ("small" if policy.name == "small" else "large")
+
+
+def test_a_step_that_uses_up_max_tokens_at_its_delimiter_is_the_last():
+    # "aaaa" + blank line is 6 tokens: two steps use the budget of 12 exactly.
+    script = [S(0.1, "aaaa", "AAAA"), S(2.0, "bbbb", "BBBB"), S(0.1, "cccc", "CCCC")]
+    trace, steps = run(fake_router(script, threshold(1.0), max_tokens=12))
+    assert [s.text for s in steps] == ["aaaa", "BBBB"]
+    assert trace.stop_reason == "max_tokens"
+
+
+def test_a_recurring_line_is_not_a_loop():
+    script = [S(0.1, "Step:", "Step:"), S(0.1, "x = 2", "x = 2"), S(0.1, "Step:", "Step:"),
+              S(0.1, "\\[", "\\["), S(0.1, "\\[", "\\["), S(0.1, "y = 3", "y = 3"), S(0.1, "\\]", "\\]"),
+              S(0.1, "\\[", "\\["), S(0.1, "The answer is 5.", "The answer is 5.")]
+    trace, steps = run(fake_router(script, always_small()))
+    assert len(steps) == len(script) and trace.stop_reason == "answer"
+
+
+@pytest.mark.parametrize("texts, n_steps", [
+    (["x = 2", "x = 2", "x = 2"], 2),        # the same step twice in a row
+    (["a = 1", "b = 2", "a = 1", "b = 2"], 4),  # a run of two steps again
+])
+def test_a_real_loop_ends_the_trace(texts, n_steps):
+    script = [S(0.1, t, t) for t in texts] + [S(0.1, "The answer is 1.", "The answer is 1.")]
+    trace, steps = run(fake_router(script, always_small()))
+    assert trace.stop_reason == "repetition" and len(steps) == n_steps
+
+
+def test_a_character_cut_by_max_step_tokens_is_held_back():
+    # "€" is three one-byte tokens in the fake: a limit of 8 cuts it after its first byte.
+    script = [S(0.1, "price 5€ each", "X"), S(0.1, "The answer is 5.", "The answer is 5.")]
+    router = fake_router(script, threshold(1.0), max_step_tokens=8)
+    trace, steps = run(router)
+    assert steps[0].text == "price 5" and steps[0].stop_reason == "max_step_tokens"
+    for role in ("small", "large"):
+        backend = router._sides[role].backend
+        context = b"".join(backend.token_bytes(t) for t in backend.tokens)
+        assert b"price 5\n\n" in context and "\ufffd".encode() not in context
+
+
+def test_multi_byte_tokens_are_kept_whole_in_the_writer_context():
+    # "é" is one two-byte token: the small model's own tokens stay in its cache, nothing is re-tokenized.
+    script = [S(0.1, "café au lait", "X"), S(0.1, "The answer is 1.", "The answer is 1.")]
+    router = fake_router(script, always_small())
+    trace, steps = run(router)
+    small = router._sides["small"].backend
+    assert steps[0].text == "café au lait"
+    context, own = list(small.tokens), tokenize_bytes("café au lait\n\n".encode())
+    assert any(context[i:i + len(own)] == own for i in range(len(context)))
+    assert trace.evaluated["small"] == len(small.tokens)
+
+
+def test_the_probe_token_is_the_first_token_of_the_small_step():
+    # Every next-token distribution is computed once: a small step starts from the probed one.
+    router = fake_router(SCRIPT, threshold(1.0))
+    run(router)
+    small = router._sides["small"].backend
+    assert len(small.logits_positions) == len(set(small.logits_positions))
+
+
+def test_at_temperature_the_first_token_is_drawn_from_the_probed_distribution():
+    # A near-uniform probe: the small step's first token is exactly the router's first draw from it
+    # (a second look at the distribution would draw another token).
+    script = [S(6.5, "abc", "ABC"), S(0.1, "The answer is 1.", "The answer is 1.")]
+    sampling = Sampling(temperature=1.0)
+    router = fake_router(script, threshold(math.inf), sampling=sampling, seed=3)
+    run(router)
+    replay = FakeBackend("replay", "small", script)
+    replay.extend(replay.tokenize("Q: q?\nA:\n", bos=True))
+    expected = sample_token(replay.next_logits(), sampling, np.random.default_rng([3, _stable_hash("q?")]))
+    small = router._sides["small"].backend
+    assert sum(len(c) for c in small.extend_calls[:2]) == len(replay.tokens)  # header and question batches
+    assert small.extend_calls[2] == (expected,)

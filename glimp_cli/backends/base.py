@@ -20,12 +20,26 @@ class ContextFull(Exception):
 
 @dataclass(frozen=True)
 class StepStop:
-    """When a step ends: at the delimiter, a stop string, an answer marker, or a token limit."""
+    """When a step ends: at the delimiter, a stop string, an answer marker, or a token limit.
+
+    `answer_markers` end the step as soon as one appears (a small-model draft handing the answer over).
+    `final_markers` make the step that carries one the answer: it no longer ends at the first delimiter
+    but runs until the answer is complete (see `answer_complete`), with up to `answer_tokens` tokens.
+    """
 
     delimiter: str
     stop_strings: tuple[str, ...] = ()
-    answer_markers: tuple[str, ...] = ()  # end the step as soon as one appears (a small-model draft)
+    answer_markers: tuple[str, ...] = ()
     max_new_tokens: int = 256
+    final_markers: tuple[str, ...] = ()
+    answer_tokens: int | None = None  # the step's token limit once a final marker appeared
+    answer_until_eos: bool = False  # the answer after the marker runs to end of generation (reasoning models)
+
+    def limit(self, answering: bool) -> int:
+        """The step's token limit, before and after a final marker appeared."""
+        if answering and self.answer_tokens is not None:
+            return max(self.answer_tokens, self.max_new_tokens)
+        return self.max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -128,12 +142,20 @@ class StepScanner:
 
     def __init__(self, stop: StepStop, on_text: TextSink | None):
         self._stop = stop
+        # errors="replace" only for bytes that can never become a character; an incomplete character
+        # at the end is held back in the decoder (see `close`).
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._on_text = on_text
-        self._watched = (stop.delimiter, *stop.stop_strings, *stop.answer_markers)
+        self._watched = (stop.delimiter, *stop.stop_strings, *stop.answer_markers, *stop.final_markers)
         self.buffer = ""
         self.text = ""
         self._emitted = 0
+        self._final_at: int | None = None  # where the answer begins (after its final marker)
+
+    @property
+    def answering(self) -> bool:
+        """True once a final marker appeared: the step is the answer."""
+        return self._final_at is not None
 
     def feed(self, piece: bytes) -> str | None:
         """Add one token's bytes; return why the step ends here, or None."""
@@ -147,8 +169,11 @@ class StepScanner:
         return end[1]
 
     def close(self) -> None:
-        """End the step where generation stopped (end of generation, a token limit)."""
-        self.buffer += self._decoder.decode(b"", final=True)
+        """End the step where generation stopped (end of generation, a token limit).
+
+        Bytes of a character cut by the limit are dropped, never turned into U+FFFD: the text must
+        be what both contexts can hold.
+        """
         self.text = self.buffer
         self._emit(len(self.text))
 
@@ -162,14 +187,35 @@ class StepScanner:
             i = self.buffer.find(m)
             if i >= 0:
                 found.append((i, "marker"))
+        i = self._first_delimiter()
+        if self._final_at is None:
+            hits = [(j, m) for m in self._stop.final_markers if (j := self.buffer.find(m)) >= 0]
+            if hits and (i < 0 or min(hits)[0] < i):
+                j, m = min(hits)
+                self._final_at = j + len(m)
+        if self._final_at is not None:
+            i = self._answer_end()
+        if i >= 0:
+            found.append((i, "delimiter"))
+        return min(found) if found else None
+
+    def _first_delimiter(self) -> int:
         delim = self._stop.delimiter
         i = self.buffer.find(delim)
         # A delimiter before any text would make an empty step: keep it as leading whitespace.
         while i >= 0 and not self.buffer[:i].strip():
             i = self.buffer.find(delim, i + 1)
-        if i >= 0:
-            found.append((i, "delimiter"))
-        return min(found) if found else None
+        return i
+
+    def _answer_end(self) -> int:
+        """The first delimiter after the answer itself, or -1 while the answer is not complete."""
+        if self._stop.answer_until_eos:
+            return -1
+        start = self._final_at
+        i = self.buffer.find(self._stop.delimiter, start)
+        while i >= 0 and not answer_complete(self.buffer[start:i]):
+            i = self.buffer.find(self._stop.delimiter, i + 1)
+        return i
 
     def _held_back(self) -> int:
         """Length of the longest tail that could still grow into a watched string."""
@@ -187,6 +233,15 @@ class StepScanner:
         self._emitted = max(self._emitted, upto)
 
 
+def answer_complete(after_marker: str) -> bool:
+    """Whether the text after an answer marker holds an answer yet: a letter or digit.
+
+    `The answer is:` then the number on the next line must not end at that line break; `The answer
+    is 4.` may.
+    """
+    return any(c.isalnum() for c in after_marker)
+
+
 def write_tokens(backend: Backend, first_token: int | None, stop: StepStop, sampling: Sampling,
                  rng: np.random.Generator, on_text: TextSink | None = None,
                  first_logits: np.ndarray | None = None) -> Written:
@@ -199,7 +254,7 @@ def write_tokens(backend: Backend, first_token: int | None, stop: StepStop, samp
     logprobs: list[float] = []
     token, logits = first_token, first_logits
     reason = "length"
-    while len(tokens) < stop.max_new_tokens:
+    while len(tokens) < stop.limit(scanner.answering):
         if token is None:
             logits = backend.next_logits()
             token = sample_token(logits, sampling, rng)
@@ -229,9 +284,6 @@ def write_tokens(backend: Backend, first_token: int | None, stop: StepStop, samp
 
 def _score(logits: np.ndarray, token: int) -> tuple[float, float]:
     """Entropy (nats) of softmax(logits) and the log-probability of `token`, at temperature 1."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max()
-    p = np.exp(z)
-    total = p.sum()
-    log_total = float(np.log(total))
-    return log_total - float((p * z).sum() / total), float(z[token]) - log_total
+    from glimp_cli.entropy import entropy_and_logprob
+
+    return entropy_and_logprob(logits, token)

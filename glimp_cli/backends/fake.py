@@ -1,9 +1,11 @@
 """A scripted fake backend for exact, fast tests of the routing loop through the real seam.
 
 Each step of a script says what H_init the small model's probe shows and what text each model
-writes if it gets the step. The tokenizer mimics SmolLM2's trap: a text that ENDS in a blank
-line tokenizes it as one merged token, running text as two newlines; a probe after the merged
-form shows H_init + WRONG_FORM_PENALTY, so a loop that uses the wrong form is caught.
+writes if it gets the step. The tokenizer is byte-level with a few multi-character tokens (`The`,
+` answer`, four spaces, `é` as one two-byte token) so merged tokens and characters split over several
+tokens (`€` is three one-byte tokens) reach the fast tests. It mimics SmolLM2's trap too: a text that
+ENDS in a blank line tokenizes it as one merged token, running text as two newlines; a probe after the
+merged form shows H_init + WRONG_FORM_PENALTY, so a loop that uses the wrong form is caught.
 """
 
 from __future__ import annotations
@@ -18,11 +20,38 @@ from glimp_cli.backends.base import ContextFull, StepStop, TextSink, Written, wr
 from glimp_cli.sampling import Sampling
 
 EOG, BOS, MERGED_BLANK_LINE = 0, 1, 2
-FIRST_CHAR = 3
+FIRST_BYTE = 3  # token FIRST_BYTE + b stands for the single byte b
+MULTI = (b"The", b" answer", b" is", b"    ", "\u00e9".encode())  # multi-character / multi-byte tokens
+FIRST_MULTI = FIRST_BYTE + 256
 N_VOCAB = 1024
 PROMPT_END = "A:\n"  # the fake's prompt template must end its prompt with this
 END = "<eos>"  # a scripted text ending in this ends generation instead of writing the delimiter
 WRONG_FORM_PENALTY = 1.0
+
+
+def _pieces() -> dict[int, bytes]:
+    table = {MERGED_BLANK_LINE: b"\n\n"}
+    table.update({FIRST_BYTE + b: bytes([b]) for b in range(256)})
+    table.update({FIRST_MULTI + i: piece for i, piece in enumerate(MULTI)})
+    return table
+
+
+PIECES = _pieces()
+
+
+def tokenize_bytes(data: bytes) -> list[int]:
+    """Greedy longest match over the multi-character tokens, else one token per byte."""
+    ids, i = [], 0
+    while i < len(data):
+        for k, piece in sorted(enumerate(MULTI), key=lambda kp: -len(kp[1])):
+            if data.startswith(piece, i):
+                ids.append(FIRST_MULTI + k)
+                i += len(piece)
+                break
+        else:
+            ids.append(FIRST_BYTE + data[i])
+            i += 1
+    return ids
 
 
 @dataclass(frozen=True)
@@ -57,7 +86,7 @@ class FakeBackend:
     """Writes its role's scripted text; counts evaluated tokens like a real backend."""
 
     def __init__(self, name: str, role: str, script: Sequence[ScriptedStep], n_ctx: int = 4096,
-                 writes_merged: bool = False):
+                 writes_merged: bool = False, delimiter: str = "\n\n"):
         self.name = name
         self.role = role
         self.script = list(script)
@@ -71,23 +100,22 @@ class FakeBackend:
         self._tokens: list[int] = []
         self.closed = False
         self.writes_merged = writes_merged  # write a blank line as the merged token, not as two newlines
+        self.delimiter = delimiter.encode()  # what separates the script's steps in the context
+        self.logits_positions: list[int] = []  # context length at each next_logits call
 
     @property
     def tokens(self) -> Sequence[int]:
         return self._tokens
 
     def tokenize(self, text: str, special: bool = False, bos: bool = False) -> list[int]:
-        ids = [FIRST_CHAR + ord(c) if ord(c) < N_VOCAB - FIRST_CHAR else FIRST_CHAR + ord("?") for c in text]
-        if text.endswith("\n\n"):
+        ids = tokenize_bytes(text.encode())
+        newline = FIRST_BYTE + ord("\n")
+        if text.endswith("\n\n") and ids[-2:] == [newline, newline]:
             ids[-2:] = [MERGED_BLANK_LINE]
         return ([BOS] if bos else []) + ids
 
     def token_bytes(self, token: int) -> bytes:
-        if token == MERGED_BLANK_LINE:
-            return b"\n\n"
-        if token < FIRST_CHAR:
-            return b""
-        return chr(token - FIRST_CHAR).encode()
+        return PIECES.get(token, b"")
 
     def is_eog(self, token: int) -> bool:
         return token == EOG
@@ -102,24 +130,28 @@ class FakeBackend:
     def rewind(self, n_tokens: int) -> None:
         del self._tokens[n_tokens:]
 
-    def _trace_text(self) -> str:
-        text = b"".join(self.token_bytes(t) for t in self._tokens).decode()
-        return text.split(PROMPT_END, 1)[1] if PROMPT_END in text else ""
+    def _trace_bytes(self) -> bytes:
+        data = b"".join(self.token_bytes(t) for t in self._tokens)
+        marker = PROMPT_END.encode()
+        return data.split(marker, 1)[1] if marker in data else b""
 
     def next_logits(self) -> np.ndarray:
-        trace = self._trace_text()
-        index = trace.count("\n\n")
-        partial = trace.rsplit("\n\n", 1)[-1]
+        self.logits_positions.append(len(self._tokens))
+        trace = self._trace_bytes()
+        index = trace.count(self.delimiter)
+        partial = trace.rsplit(self.delimiter, 1)[-1]
         target = getattr(self.script[index], self.role) if index < len(self.script) else END
-        full = target[: -len(END)] + END if target.endswith(END) else target + "\n\n"
-        remaining = full[len(partial):] if full.startswith(partial) else END
-        if not remaining or remaining.startswith(END):
+        full = (target[: -len(END)] + END if target.endswith(END) else target).encode()
+        if not target.endswith(END):
+            full += self.delimiter
+        remaining = full[len(partial):] if full.startswith(partial) else END.encode()
+        if not remaining or remaining.startswith(END.encode()):
             top = EOG
-        elif self.writes_merged and remaining.startswith("\n\n"):
+        elif self.writes_merged and remaining.startswith(b"\n\n"):
             top = MERGED_BLANK_LINE
         else:
-            top = self.tokenize(remaining[0])[0]
-        if partial == "" and self.role == "small" and index < len(self.script):
+            top = tokenize_bytes(remaining)[0]
+        if partial == b"" and self.role == "small" and index < len(self.script):
             h = self.script[index].h_init
             if self._tokens and self._tokens[-1] == MERGED_BLANK_LINE:
                 h += WRONG_FORM_PENALTY

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,32 @@ def _silence_llama_log(llama_cpp) -> None:
     if _log_callback is None:
         _log_callback = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
         llama_cpp.llama_log_set(_log_callback, None)
+
+
+def render_chat(template: str, messages: list[dict], bos_token: str, eos_token: str) -> str:
+    """What a GGUF's chat template makes of `messages`, through llama-cpp-python's sandboxed formatter.
+
+    Its Jinja environment is the one llama-cpp-python's own chat completions use (Transformers'
+    extensions and `tojson`, `strftime_now`, `raise_exception` raising ValueError).
+    """
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    formatter = Jinja2ChatFormatter(template, eos_token=eos_token, bos_token=bos_token, add_generation_prompt=True)
+    return formatter(messages=messages).prompt
+
+
+def memory_kind(llama_cpp, model) -> str | None:
+    """"recurrent" or "hybrid" for a model whose state cannot be rewound to an earlier token, else None.
+
+    Rewinding such a model (Mamba, RWKV; Jamba, LFM2, Granite-4-H, Qwen3-Next) fails to remove the
+    later positions from its recurrent state, so the next evaluation is wrong or fails.
+    """
+    if llama_cpp.llama_model_is_recurrent(model):
+        return "recurrent"
+    is_hybrid = getattr(llama_cpp, "llama_model_is_hybrid", None)  # older bindings lack it
+    if is_hybrid is not None and is_hybrid(model):
+        return "hybrid"
+    return None
 
 
 class LlamaCppBackend:
@@ -55,9 +82,17 @@ class LlamaCppBackend:
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(f"model {spec.name!r}: llama.cpp could not load {gguf}: {exc}") from None
+        memory = memory_kind(llama_cpp, self.llm._model.model)
+        if memory is not None:
+            arch = self.llm.metadata.get("general.architecture", "?")
+            self.llm.close()
+            raise ModelError(f"model {spec.name!r}: {gguf.name} is a {memory} model (architecture {arch}); "
+                             f"glimp rewinds the cache at every routed step, which llama.cpp cannot do for {memory} "
+                             "models yet: use a transformer model")
         self.n_ctx = self.llm.n_ctx()
         self.n_vocab = self.llm.n_vocab()
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
+        self._piece_buf = ctypes.create_string_buffer(64)
         self.chat_template = self.llm.metadata.get("tokenizer.chat_template")
         self.bos_token = self._special_text(self.llm.token_bos())
         self.eos_token = self._special_text(self.llm.token_eos())
@@ -69,7 +104,19 @@ class LlamaCppBackend:
     def _special_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+        return self._piece(token).decode("utf-8", errors="replace")
+
+    def _piece(self, token: int) -> bytes:
+        """A token's bytes, special tokens rendered, through a buffer that grows to what llama.cpp asks.
+
+        `Llama.detokenize` (llama-cpp-python 0.3.36) reads into 32 bytes and returns nothing for
+        longer pieces (upstream issue #2362): SmolLM2 has 47 of them, runs of spaces, ---- and ####.
+        """
+        n = self._lib.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, True)
+        if n < 0:  # the piece needs -n bytes
+            self._piece_buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, self._piece_buf, -n, 0, True)
+        return self._piece_buf.raw[:n]
 
     @property
     def tokens(self) -> Sequence[int]:
@@ -85,8 +132,8 @@ class LlamaCppBackend:
     def token_bytes(self, token: int) -> bytes:
         piece = self._bytes.get(token)
         if piece is None:
-            # special=True so that markers such as </think> (special tokens in some models) appear in text.
-            piece = self._bytes[token] = self.llm.detokenize([token], special=True)
+            # Special tokens rendered, so that markers such as </think> (special in some models) appear in text.
+            piece = self._bytes[token] = self._piece(token)
         return piece
 
     def is_eog(self, token: int) -> bool:

@@ -1,9 +1,9 @@
 """HTTP backend: a model behind an OpenAI-compatible completions server (llama.cpp server, vLLM, SGLang).
 
-Every HTTP call glimp makes lives in this module. It uses the standard library (`urllib.request`
-and `json`) rather than httpx: the calls are plain blocking POSTs and one server-sent-event stream
-per step, made from one thread per batch worker, so a client library would add a dependency (and
-its pinning) for no feature we use. Timeouts, retries and errors are handled here in ~100 lines.
+Every HTTP call glimp makes lives in this module: httpx for the requests (its timeouts are "no byte
+for this long", as `timeout` promises) and httpx-sse for the event streams (an event's `data:` may
+span several lines). Retries with backoff on connection errors, timeouts and 5xx are glimp's own:
+httpx retries only failed connects, and every failure here must become one line naming model and URL.
 
 The server takes text, not tokens, so this backend is text-level (`context = "text"`): the router
 keeps `text` equal to prompt + steps + delimiters, `next_logits` probes the next token after it,
@@ -28,22 +28,22 @@ and `write` continues it. What that costs compared with the in-process backend:
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import math
 import os
 import socket
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Iterator
 
+import httpx
 import numpy as np
+from httpx_sse import EventSource, SSEError
 
 from glimp_cli.backends.base import ContextFull, StepStop, StepScanner, TextSink, Written
 from glimp_cli.config import ModelSpec
+from glimp_cli.entropy import entropy_and_logprob, topk_entropy_from_logprobs
 from glimp_cli.errors import BackendError, ConfigError, ContextLimitError
 from glimp_cli.sampling import Sampling
 
@@ -79,13 +79,26 @@ class Endpoint:
     """Requests to one OpenAI-compatible server: auth, timeout, retries with backoff, one-line errors."""
 
     def __init__(self, label: str, base_url: str, api_key: str | None = None, timeout: float = 60.0,
-                 max_retries: int = 2, backoff: float = BACKOFF_SECONDS):
+                 max_retries: int = 2, backoff: float = BACKOFF_SECONDS, client: httpx.Client | None = None):
         self.label = label  # names the model in every error
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
         self.max_retries = max(0, max_retries)
         self.backoff = backoff
+        self._client = client
+
+    @property
+    def client(self) -> httpx.Client:
+        """One connection pool per endpoint, made on first use (so constructing an Endpoint is free)."""
+        if self._client is None:
+            self._client = httpx.Client()
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def url(self, path: str) -> str:
         return self.base_url + path
@@ -106,24 +119,30 @@ class Endpoint:
         Closing the generator closes the connection, which makes the server stop generating.
         """
         url = self.url(path)
-        response = self._retrying(url, lambda: self._open("POST", url, {**body, "stream": True}, self.timeout))
+        response = self._retrying(url, lambda: self._send("POST", url, {**body, "stream": True}, self.timeout))
         events = 0
         try:
-            for raw in response:
-                line = raw.decode("utf-8", errors="replace").strip()
-                if not line.startswith("data:"):
-                    continue  # blank separators, ": ping" comments, event names
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    return
-                event = self._decode(url, data)
-                if "error" in event:
-                    raise self.fail(url, f"server error: {_error_message(event)}")
-                events += 1
-                yield event
-        except (TimeoutError, socket.timeout):
+            try:
+                for sse in EventSource(response).iter_sse():
+                    if not sse.data:
+                        continue  # an event with no data (a keep-alive)
+                    if sse.data.strip() == "[DONE]":
+                        return
+                    event = self._decode(url, sse.data)
+                    if "error" in event:
+                        raise self.fail(url, f"server error: {_error_message(event)}")
+                    events += 1
+                    yield event
+            except SSEError:
+                # Not an event stream: a JSON body (an error object), or nothing at all.
+                raw = response.read().decode("utf-8", errors="replace")
+                if raw.strip():
+                    data = self._decode(url, raw)
+                    raise self.fail(url, f"server error: {_error_message(data)}" if "error" in data
+                                    else "the server answered a streamed request without an event stream")
+        except httpx.TimeoutException:
             raise self.fail(url, f"no data for {self.timeout:g} s (timeout) in the middle of a stream") from None
-        except (OSError, http.client.HTTPException) as exc:
+        except httpx.TransportError as exc:
             raise self.fail(url, f"the stream broke: {_reason(exc)}") from None
         finally:
             response.close()
@@ -133,14 +152,15 @@ class Endpoint:
 
     def _call(self, method: str, path: str, body: dict | None, timeout: float | None, retries: int | None) -> dict:
         url = self.url(path)
+        seconds = timeout or self.timeout
 
         def attempt() -> dict:
-            response = self._open(method, url, body, timeout or self.timeout)
+            response = self._send(method, url, body, seconds)
             try:
                 raw = response.read()
-            except (TimeoutError, socket.timeout):
-                raise _Transient(f"no answer within {timeout or self.timeout:g} s (timeout)") from None
-            except (OSError, http.client.HTTPException) as exc:
+            except httpx.TimeoutException:
+                raise _Transient(f"no answer within {seconds:g} s (timeout)") from None
+            except httpx.TransportError as exc:
                 raise _Transient(_reason(exc)) from None
             finally:
                 response.close()
@@ -158,30 +178,33 @@ class Endpoint:
                     raise self.fail(url, f"{exc} ({tries} attempt{'s' if tries > 1 else ''})") from None
                 time.sleep(min(self.backoff * 2 ** i, BACKOFF_CAP))
 
-    def _open(self, method: str, url: str, body: dict | None, timeout: float):
+    def _send(self, method: str, url: str, body: dict | None, timeout: float) -> httpx.Response:
+        """Send a request and return its response once the headers are in (the body is read by the caller)."""
         headers = {"Accept": "application/json"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode("utf-8")
-            headers["Content-Type"] = "application/json"
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
-            return urllib.request.urlopen(request, timeout=timeout)
-        except urllib.error.HTTPError as exc:
-            detail = _http_detail(exc)
-            if exc.code >= 500:
-                raise _Transient(f"HTTP {exc.code}: {detail}") from None
-            if exc.code == 400 and "context" in detail.lower() and "length" in detail.lower():
-                raise ContextFull(f"{self.label}: {detail}") from None
-            raise self.fail(url, f"HTTP {exc.code}: {detail}") from None
-        except urllib.error.URLError as exc:
-            raise _Transient(_reason(exc.reason)) from None
-        except (TimeoutError, socket.timeout):
+            request = self.client.build_request(method, url, json=body, headers=headers, timeout=timeout)
+            response = self.client.send(request, stream=True)
+        except httpx.TimeoutException:
             raise _Transient(f"no answer within {timeout:g} s (timeout)") from None
-        except (OSError, http.client.HTTPException) as exc:
+        except httpx.TransportError as exc:
             raise _Transient(_reason(exc)) from None
+        if response.status_code < 400:
+            return response
+        try:
+            raw = response.read().decode("utf-8", errors="replace")
+        except httpx.HTTPError:
+            raw = ""
+        finally:
+            response.close()
+        detail = _http_detail(raw, response.reason_phrase)
+        code = response.status_code
+        if code >= 500:
+            raise _Transient(f"HTTP {code}: {detail}")
+        if code == 400 and "context" in detail.lower() and "length" in detail.lower():
+            raise ContextFull(f"{self.label}: {detail}")
+        raise self.fail(url, f"HTTP {code}: {detail}")
 
     def _decode(self, url: str, text: str) -> dict:
         try:
@@ -198,30 +221,28 @@ class _EmptyStream(Exception):
     """A stream that closed before its first event (llama.cpp's server does this for a too-long prompt)."""
 
 
-def _reason(exc: object) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused (is the server running?)"
-    if isinstance(exc, (TimeoutError, socket.timeout)):
+def _reason(exc: BaseException) -> str:
+    """What went wrong with a connection, from the OS error under httpx's exception when there is one."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused (is the server running?)"
+        if isinstance(cause, socket.gaierror):
+            return f"cannot resolve the host ({cause.strerror or cause})"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"the server closed the connection ({exc})"
+    if isinstance(exc, httpx.TimeoutException):
         return "timeout"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host ({exc.strerror or exc})"
-    if isinstance(exc, http.client.RemoteDisconnected):
-        return "the server closed the connection without answering"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
     return str(exc) or type(exc).__name__
 
 
-def _http_detail(exc: urllib.error.HTTPError) -> str:
-    try:
-        raw = exc.read().decode("utf-8", errors="replace")
-    except OSError:
-        raw = ""
+def _http_detail(raw: str, reason: str) -> str:
     try:
         message = _error_message(json.loads(raw))
     except ValueError:
         message = " ".join(raw.split())[:200]
-    return message or exc.reason or "no details"
+    return message or reason or "no details"
 
 
 def _error_message(data: object) -> str:
@@ -265,12 +286,16 @@ def served_models(endpoint: Endpoint, timeout: float | None = None, retries: int
 
 def reachability(spec: ModelSpec, timeout: float = REACHABILITY_TIMEOUT) -> tuple[bool, str]:
     """`glimp models`: one quick GET of the model list, no retries; (reachable, what was found)."""
+    endpoint = None
     try:
         endpoint = endpoint_for(spec, api_key(spec))
         endpoint.timeout = timeout
         models = served_models(endpoint, timeout, retries=0)
     except (BackendError, ConfigError) as exc:
         return False, str(exc)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
     if spec.model and spec.model not in models:
         return False, f"{spec.base_url} does not serve {spec.model!r} (it serves {', '.join(models) or 'nothing'})"
     return True, f"{spec.base_url} serves {spec.model or ', '.join(models)}"
@@ -349,6 +374,9 @@ class OpenAIBackend:
                 self.probe_form = TEXT_END_FORM
         if top is None:
             top = self._probe(self.text, ())
+        if any(math.isnan(v) for v in top.values()):
+            raise self.endpoint.fail(self.endpoint.url("/completions"),
+                                     "the probe returned NaN log-probabilities (the served model's output is broken)")
         ranked = sorted(top.items(), key=lambda kv: -kv[1])[: self.top_k]
         self._candidates = [Candidate(text, float(lp)) for text, lp in ranked]
         if not self._candidates:
@@ -380,7 +408,8 @@ class OpenAIBackend:
         if any(text != want for (text, _), (_, want) in zip(positions, forced)):
             return None  # the server ignored logit_bias: fall back to the text-end form
         top = positions[len(forced)][1]
-        return {str(k): float(v) for k, v in top.items() if v is not None and math.isfinite(float(v))}
+        # A null or -inf entry is a masked token (dropped); NaN is kept so that the entropy refuses it.
+        return {str(k): float(v) for k, v in top.items() if v is not None and float(v) != -math.inf}
 
     def _delimiter_tail(self) -> tuple[tuple[int, str], ...] | None:
         """The running-form delimiter's tokens after its first one, from the server's tokenizer (asked once)."""
@@ -400,7 +429,8 @@ class OpenAIBackend:
         base = self.endpoint.base_url
         if not base.endswith("/v1"):
             return None
-        root = Endpoint(self.endpoint.label, base[:-3], self.endpoint.api_key, self.endpoint.timeout, 0)
+        root = Endpoint(self.endpoint.label, base[:-3], self.endpoint.api_key, self.endpoint.timeout, 0,
+                        client=self.endpoint.client)
         sentinel = "A"
         for tokenize, detokenize in (
             (lambda text: root.post_json("/extras/tokenize", {"input": text, "model": self.model})["tokens"],
@@ -459,8 +489,10 @@ class OpenAIBackend:
             ended = scanner.feed(prefix.encode("utf-8"))
             if ended:
                 return self._written(scanner, n, ended, start, entropies, logprobs)
-        budget = stop.max_new_tokens - n
-        if budget <= 0:
+        # Ask for as much as an answer step may take; a step that turns out not to be the answer is
+        # closed at its own limit below.
+        budget = stop.limit(answering=True) - n
+        if stop.max_new_tokens - n <= 0:
             scanner.close()
             return self._written(scanner, n, "length", start, entropies, logprobs)
         seed = int(rng.integers(0, 2**31 - 1))
@@ -489,6 +521,10 @@ class OpenAIBackend:
                     if ended:
                         reason = ended
                         break
+                if n + generated >= stop.limit(scanner.answering) and choice.get("finish_reason") is None:
+                    scanner.close()
+                    reason = "length"
+                    break
         finally:
             stream.close()  # closing the connection stops the server's generation
         n += generated
@@ -545,6 +581,7 @@ class OpenAIBackend:
 
     def close(self) -> None:
         self._candidates = []
+        self.endpoint.close()
 
 
 def _choice(event: dict) -> dict:
@@ -555,19 +592,16 @@ def _choice(event: dict) -> dict:
 
 
 def _topk_entropy(top: dict | None, k: int) -> float:
-    values = np.array(sorted((float(v) for v in (top or {}).values() if v is not None), reverse=True)[:k])
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return 0.0
-    z = values - values.max()
-    p = np.exp(z)
-    return float(math.log(p.sum()) - (p * z).sum() / p.sum())
+    """Renormalised entropy (nats) of the K best entries of one position's top-logprob dict."""
+    # A null entry is a token the server gave no number for: masked, like a -inf logit.
+    values = np.array([-math.inf if v is None else float(v) for v in (top or {}).values()], dtype=np.float64)
+    return topk_entropy_from_logprobs(np.sort(values)[::-1][:k])
 
 
 def _topk_score(logprobs: np.ndarray, position: int) -> tuple[float, float]:
-    """Renormalised top-K entropy and the chosen entry's log-probability (nats)."""
-    z = np.asarray(logprobs, dtype=np.float64)
-    return _topk_entropy({i: v for i, v in enumerate(z)}, z.size), float(z[position])
+    """Renormalised top-K entropy and the chosen entry's log-probability as the server reported it (nats)."""
+    entropy, _ = entropy_and_logprob(logprobs)
+    return entropy, float(logprobs[position])
 
 
 def connect(spec: ModelSpec, config_dir=None) -> OpenAIBackend:
