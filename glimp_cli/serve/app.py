@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,10 +18,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from glimp_cli.serve.protocol import (
-    MODEL_PREFIX, ApiError, CompletionRequest, ServedPair, chunk_body, completion_body, parse_request,
-)
-from glimp_cli.serve.workers import DISCONNECTED, SHUTDOWN, Job, WorkerPool
+from glimp_cli.serve.protocol import ApiError, CompletionRequest, ServedPair, chunk_body, completion_body, parse_request
+from glimp_cli.serve.workers import DISCONNECTED, Job, WorkerPool
 
 # Seconds a stream may take after a shutdown signal to end with its error chunk before it is cut.
 SHUTDOWN_GRACE_SECONDS = 10.0
@@ -234,11 +231,6 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    import traceback
-
-    traceback.print_exception(exc, file=sys.stderr)
+    # Starlette raises the exception again after this answer, so uvicorn logs its traceback.
     return _error_response(ApiError(500, "internal error in glimp serve (the server's log has the details)",
                                     kind="server_error"))
-
-
-__all__ = ["MODEL_PREFIX", "SHUTDOWN", "ServerState", "build_app"]

@@ -32,7 +32,6 @@ _NEUTRAL = {
     "tool_choice": lambda v: v in (None, "none"),
     "functions": lambda v: not v,
     "function_call": lambda v: v in (None, "none"),
-    "parallel_tool_calls": lambda v: True,
     "logprobs": lambda v: v in (None, False, 0),
     "top_logprobs": lambda v: v in (None, 0),
     "modalities": lambda v: v in (None, ["text"]),
@@ -42,7 +41,8 @@ _NEUTRAL = {
     "best_of": lambda v: v in (None, 1),
     "suffix": lambda v: v in (None, ""),
 }
-_IGNORED = {"user", "metadata", "store", "service_tier", "reasoning_effort", "web_search_options"}
+_IGNORED = {"user", "metadata", "store", "service_tier", "reasoning_effort", "web_search_options",
+            "parallel_tool_calls"}
 _STANDARD = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n",
              "stream", "stream_options"}
 # glimp's own per-request settings, sent by OpenAI clients as extra body fields.
