@@ -737,6 +737,7 @@ def stop_mid_stream(srv: Server, sig: int, key: str = "unused") -> None:
     assert "Traceback" not in srv.output()
 
 
+# Last in the file: it stops both module servers (pytest runs a module's tests in file order).
 @pytest.mark.real
 def test_sigterm_and_ctrl_c_stop_the_server_cleanly_and_in_flight_streams_end_with_an_error(server, auth_server):
     stop_mid_stream(server, signal.SIGTERM)
