@@ -606,8 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         th = calibrate_thresholds(cal_questions, pair, None if args.report else lambda policy: models.router(policy),
                                   runs_dir / "calibration", shares, args.adaptive_share, taus,
-                                  draft_questions=cal_questions[args.draft_offset:][:args.draft_questions],
-                                  lambda line: console.print(line, markup=False), step_shares)
+                                  lambda line: console.print(line, markup=False), step_shares,
+                                  draft_questions=cal_questions[args.draft_offset:][:args.draft_questions])
         runs = plan_runs(pair, th, runs_dir, args.adaptive_share)
         console.print("thresholds: glimp tau " + ", ".join(f"{t:.4g} ({s:.0%})" for s, t in th.taus.items())
                       + "; step_entropy " + ", ".join(f"{t:.4g} ({s:.0%})" for s, t in th.entropy.items())
