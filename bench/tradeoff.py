@@ -239,9 +239,8 @@ def calibrate_thresholds(questions: list[Question], pair: PairSpec, make_router:
     ids = {q.id for q in questions}
     if make_router is not None:
         settings = {**pair_settings(drafts), "large_share": None}
-        out, done = ResultsFile.open(path, resume=True, settings_key=settings)
+        out, done = ResultsFile.open(path, resume=True, settings_key=settings, questions=questions)
         with out:
-            calibrate.check_same_questions(path, questions)
             pending = sum((q.id, drafts.mode) not in done for q in questions)
             if pending:
                 say(f"calibration, scored drafts: {pending} of {len(questions)} questions to run into {path}")
@@ -633,10 +632,10 @@ def run_all(runs: list[BenchRun], questions: list[Question], models: Models, log
     files = {}
     try:
         for run in runs:
-            files[run.label], _ = ResultsFile.open(run.path, resume=True, settings_key=run.settings())
+            files[run.label], _ = ResultsFile.open(run.path, resume=True, settings_key=run.settings(),
+                                                   questions=questions)
             if files[run.label].repaired:
                 console.print(f"warning: {files[run.label].repaired}")
-            calibrate.check_same_questions(run.path, questions)
         left = sum(any((q.id, r.mode) not in files[r.label].done for r in runs) for q in questions)
         console.print(f"{len(runs)} runs × {len(questions)} questions; {left} questions not finished by every run")
         routers: dict[str, Router] = {}
