@@ -70,8 +70,9 @@ def test_h_init_does_not_depend_on_who_wrote_the_previous_step(real_engine):
     """The small model's own steps vs the same text caught up as if the large model wrote it.
 
     The contexts must be token-for-token identical. The entropies then differ only by llama.cpp's
-    batch-shape noise (one token per eval while writing, one batch while catching up): measured
-    median 0.03 nats (mean 0.04, max 0.2) over 51 GSM8K boundaries. The wrong delimiter form moves H_init far more.
+    batch-shape noise (one token per eval while writing, one batch while catching up). Measured on a
+    shared 2-core machine: these 12 boundaries median 0.041 nats, mean 0.049, max 0.160; 23 more from
+    8 calibration questions median 0.034, mean 0.035, max 0.104. The wrong delimiter form moves H_init far more.
     """
     estimate = real_engine.router(threshold(0.0)).settings.estimator.from_logits
     same, merged = [], []
@@ -90,7 +91,7 @@ def test_h_init_does_not_depend_on_who_wrote_the_previous_step(real_engine):
             replay.backend.extend(replay.backend.tokenize(replay.delimiter))
             merged.append(abs(estimate(replay.backend.next_logits()) - steps[k].h_init))
     assert len(same) >= 3
-    assert np.median(same) <= 0.05 and max(same) <= 0.25, same
+    assert np.median(same) <= 0.05 and np.mean(same) <= 0.07 and max(same) <= 0.2, same
     assert np.mean(merged) > 3 * np.mean(same), (merged, same)
 
 
