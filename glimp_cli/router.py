@@ -377,6 +377,7 @@ class Trace:
             "question": self.question,
             "policy": self.router.policy.name,
             "estimator": str(self.router.settings.estimator),
+            "delimiter": self.router.delimiter,
             "probe": self.router._sides[SMALL].probe_form if self.router.policy.needs_probe else None,
             "stop_reason": self.stop_reason,
             "answer_text": self.answer_text,

@@ -637,7 +637,6 @@ def test_a_written_calibration_is_what_ask_then_runs_with(tmp_path: Path) -> Non
                                      "--verbose", *short])
     assert asked.exit_code == 0, asked.output
     trace = json.loads(asked.stdout)
-    assert trace["estimator"] == record.estimator and trace["tau"] == record.tau
-    # ask --json does not print the delimiter; --verbose says which one it ran with, and from where.
-    assert "delimiter = '\\n'  (models.yaml)" in asked.stderr
+    assert (trace["estimator"], trace["delimiter"], trace["tau"]) == (record.estimator, record.delimiter, record.tau)
+    assert "delimiter = '\\n'  (models.yaml)" in asked.stderr  # --verbose says where it came from
     assert all("\n" not in step["text"].strip("\n") for step in trace["steps"] if step["stop_reason"] == "delimiter")
