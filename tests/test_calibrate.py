@@ -295,12 +295,10 @@ def test_the_shipped_calibration_set_is_kept_apart_from_the_benchmark_questions(
     assert len(shipped) == 100 and not skipped and all(q.reference for q in shipped)
     # The benchmarks and the real-model tests evaluate on the first GSM8K test rows.
     assert cal.count_overlap((q.question for q in shipped), GSM8K_QUESTIONS) == 0
-    data = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/test.jsonl"
-    if data.exists():
-        rows = data.read_text(encoding="utf-8").splitlines()
-        assert cal.calibration_set().read_text(encoding="utf-8").splitlines() == rows[-100:]
-        first = [json.loads(r)["question"] for r in rows[:-100]]
-        assert cal.count_overlap((q.question for q in shipped), first) == 0
+    # ... and on data/gsm8k/test-1-1219.jsonl, the rows of GSM8K's test split before the calibration rows.
+    evaluation, _ = load_questions(Path(__file__).resolve().parents[1] / "data/gsm8k/test-1-1219.jsonl")
+    assert len(evaluation) == 1219
+    assert cal.count_overlap((q.question for q in shipped), (q.question for q in evaluation)) == 0
 
 
 # --- the sweep on the fake pair -------------------------------------------------------------------
