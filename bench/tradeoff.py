@@ -6,7 +6,12 @@ steps to the large model, random routing at each glimp run's reached share, the 
 (step_entropy, step_perplexity) at thresholds picked for the same shares on the calibration drafts, and
 adaptive at 35%, on held-out GSM8K test questions, greedy. Every run is a `glimp batch` results file in
 --runs-dir; questions go one at a time through every run (question-major), so a noisy shared machine
-slows all runs alike; a rerun resumes where the last stopped, and `--report` prints the tables alone.
+slows all runs alike; a rerun resumes where the last stopped (Ctrl-C or a kill loses only the trace in
+flight), and `--report` prints the tables from whatever has finished, loading no model.
+
+The rates `glimp profile` measures are re-measured every --profile-every questions, and each record's
+latency is set against the bound for its own work at the rates measured last before it.
+A smoke run on the fast pair: `--pair tiny --questions 3 --calibration-questions 6 --max-tokens 96`.
 """
 
 from __future__ import annotations
@@ -45,7 +50,6 @@ SHARES = (0.2, 0.35, 0.5)
 ADAPTIVE_SHARE = 0.35
 # Drafts the large model rewrites are judged at these step ends (see router.write_small).
 JUDGED_STOPS = frozenset({"delimiter", "max_step_tokens", "max_tokens", "repetition"})
-FAMILIES = ("small", "large", "glimp", "random", "step_entropy", "step_perplexity", "adaptive")
 
 
 # --- the runs -----------------------------------------------------------------------------------
@@ -56,7 +60,7 @@ class BenchRun:
     """One policy on the evaluation questions, into its own results file."""
 
     label: str
-    family: str  # one of FAMILIES (the batch mode, too)
+    family: str  # small, large, glimp, random, step_entropy, step_perplexity or adaptive (its batch mode)
     pair: PairSpec  # the pair with this run's mode and threshold
     path: Path
     target: float | None = None  # the calibration share its threshold was picked for
@@ -94,15 +98,8 @@ class Thresholds:
     adaptive_tau: float
 
 
-def plan_runs(pair: PairSpec, th: Thresholds, runs_dir: Path, adaptive_share: float = ADAPTIVE_SHARE,
-              step_shares: tuple | None = None) -> list[BenchRun]:
-    """Every run, in the order each question goes through them (a random run after its glimp run).
-
-    The step-level signals run at `step_shares` (default: every share of the glimp runs).
-    """
-    def stepped(table: dict) -> list:
-        return sorted(s for s in table if step_shares is None or s in step_shares)
-
+def plan_runs(pair: PairSpec, th: Thresholds, runs_dir: Path, adaptive_share: float = ADAPTIVE_SHARE) -> list[BenchRun]:
+    """Every run, in the order each question goes through them (a random run after its glimp run)."""
     def run(label, family, path, target=None, matched=None, **changes) -> BenchRun:
         return BenchRun(label, family, dataclasses.replace(pair, mode=family, **changes), runs_dir / path,
                         target, matched)
@@ -113,18 +110,22 @@ def plan_runs(pair: PairSpec, th: Thresholds, runs_dir: Path, adaptive_share: fl
         glimp = run(f"glimp {name}", "glimp", f"glimp-tau{tau:.4f}.jsonl", share, tau=tau)
         runs += [glimp, run(f"random ~ glimp {name}", "random", f"random-glimp-tau{tau:.4f}.jsonl", share,
                             matched=glimp.label, tau=tau)]
-    for share in stepped(th.entropy):
+    for share in sorted(th.entropy):
         t = th.entropy[share]
         runs.append(run(f"step_entropy {share:.0%}", "step_entropy", f"step_entropy-{t:.4f}.jsonl", share,
                         step_entropy_threshold=t))
-    for share in stepped(th.perplexity):
+    for share in sorted(th.perplexity):
         t = th.perplexity[share]
         runs.append(run(f"step_perplexity {share:.0%}", "step_perplexity", f"step_perplexity-{t:.4f}.jsonl",
                         share, step_perplexity_threshold=t))
     runs.append(run(f"adaptive {adaptive_share:.0%}", "adaptive",
                     f"adaptive-share{adaptive_share:.2f}-tau{th.adaptive_tau:.4f}.jsonl", adaptive_share,
                     tau=th.adaptive_tau, large_share=adaptive_share))
-    return runs
+    # Ties in the calibration record can give two shares one threshold: that is one run, not two.
+    unique = {}
+    for r in runs:
+        unique.setdefault(r.path, r)
+    return list(unique.values())
 
 
 @dataclass
@@ -139,7 +140,8 @@ class Outcome:
 def run_interleaved(runs: list[BenchRun], questions: list[Question], files: dict[str, ResultsFile],
                     router_for: Callable[[BenchRun, float | None], Router],
                     on_question: Callable[[int, Question, list[dict]], None] | None = None,
-                    stop: threading.Event | None = None) -> Outcome:
+                    stop: threading.Event | None = None,
+                    on_result: Callable[[BenchRun, dict], None] | None = None) -> Outcome:
     """Each question through every run before the next question; (question, run) pairs on file are skipped.
 
     A random run's share is the pooled large share of steps its glimp run reached on the questions
@@ -162,8 +164,14 @@ def run_interleaved(runs: list[BenchRun], questions: list[Question], files: dict
                 if share is None:  # its glimp run failed on every question so far
                     continue
             settings = run.settings(share)
+
+            def finished(record: dict, run: BenchRun = run) -> None:
+                written.append(record)
+                if on_result is not None:
+                    on_result(run, record)
+
             done = run_batch(lambda mode, recorded: router_for(run, share), [question], [run.mode], out, out.done,
-                             lambda mode: settings, written.append, stop)
+                             lambda mode: settings, finished, stop)
             outcome.written += done.written
             outcome.failed += [(qid, run.label, why) for qid, _, why in done.failed]
             if done.interrupted:
@@ -198,12 +206,14 @@ def drafts_pair(pair: PairSpec) -> PairSpec:
 
 def calibrate_thresholds(questions: list[Question], pair: PairSpec, make_router: Callable | None, cal_dir: Path,
                          shares: tuple, adaptive_share: float, taus: list[float] | None = None,
-                         say: Callable[[str], None] = lambda line: None) -> Thresholds:
+                         say: Callable[[str], None] = lambda line: None,
+                         step_shares: tuple | None = None) -> Thresholds:
     """Thresholds from the calibration questions: small alone gives H_init, a scoring run the draft signals.
 
     With `make_router` None nothing runs: both runs must already be complete in `cal_dir`.
     """
-    cal_dir.mkdir(parents=True, exist_ok=True)
+    if make_router is not None:
+        cal_dir.mkdir(parents=True, exist_ok=True)
     ids = {q.id for q in questions}
     tau_of = dict(zip(shares, taus)) if taus else {}
     if not taus or adaptive_share not in tau_of:
@@ -239,8 +249,9 @@ def calibrate_thresholds(questions: list[Question], pair: PairSpec, make_router:
     entropies, perplexities = draft_scores(path, ids)
     if not entropies:
         raise InputError(f"{path}: no scored small-model drafts to pick step thresholds from")
-    return Thresholds(tau_of, {s: calibrate.tau_for_share(entropies, s) for s in shares},
-                      {s: calibrate.tau_for_share(perplexities, s) for s in shares}, adaptive_tau)
+    step_shares = shares if step_shares is None else step_shares
+    return Thresholds(tau_of, {s: calibrate.tau_for_share(entropies, s) for s in step_shares},
+                      {s: calibrate.tau_for_share(perplexities, s) for s in step_shares}, adaptive_tau)
 
 
 def _check_complete(path: Path, mode: str, ids: set[str]) -> None:
@@ -250,35 +261,58 @@ def _check_complete(path: Path, mode: str, ids: set[str]) -> None:
                          "run without --report to finish it")
 
 
-# --- the profile rates of each session ----------------------------------------------------------
+# --- the profile rates the records were timed under ----------------------------------------------
 
 
-def append_profile(path: Path, data: dict) -> None:
-    """One profile per session, on disk before any question of that session runs."""
-    with path.open("a", encoding="utf-8") as file:
-        file.write(json.dumps({"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "profile": data}) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
+class ProfileLog:
+    """Profiles measured while the benchmark runs, and after which profile each record was written.
 
+    One JSON line per profile or record, on disk before the next question: a record is bounded with
+    the rates measured last before it (at most `--profile-every` questions earlier), so the bound
+    follows a shared machine's load through a run of hours and across sessions.
+    """
 
-def session_rates(path: Path) -> tuple[Rates | None, int]:
-    """The median rates over every session's profile (a torn line skipped), and how many there were."""
-    if not path.exists():
-        return None, 0
-    measured = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            measured.append(rates_from_dict(json.loads(line)["profile"]))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return (median_rates(measured) if measured else None), len(measured)
+    def __init__(self, path: Path):
+        self.path = path
+
+    def add_profile(self, data: dict) -> None:
+        self._append({"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "profile": data})
+
+    def add_record(self, label: str, qid: str) -> None:
+        self._append({"record": [label, qid]})
+
+    def rates(self) -> tuple[Callable[[str, str], Rates | None], int]:
+        """(run label, question id) -> the rates its record was timed under, and how many profiles there are.
+
+        A record with no entry (killed between its write and the log's) gets the median of all profiles.
+        """
+        measured, under, current = [], {}, None
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                if "profile" in entry:
+                    current = rates_from_dict(entry["profile"])
+                    measured.append(current)
+                elif current is not None:
+                    under[tuple(entry["record"])] = current
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line
+        fallback = median_rates(measured) if measured else None
+        return (lambda label, qid: under.get((label, qid), fallback)), len(measured)
+
+    def _append(self, entry: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(json.dumps(entry) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
 
 
 class Models:
     """The pair's two models, loaded (and profiled) when the first run needs them."""
 
-    def __init__(self, registry, pair: PairSpec, profiles: Path, console: Console):
-        self.registry, self.pair, self.profiles, self.console = registry, pair, profiles, console
+    def __init__(self, registry, pair: PairSpec, log: ProfileLog, console: Console):
+        self.registry, self.pair, self.log, self.console = registry, pair, log, console
         self.engine = None
 
     def router(self, policy, pair: PairSpec | None = None) -> Router:
@@ -286,13 +320,19 @@ class Models:
 
         if self.engine is None:
             self.engine = Engine.load(self.registry, self.pair, {SMALL, LARGE})
-            profile = profile_engine(self.engine)
-            append_profile(self.profiles, profile.to_dict())
-            r = profile.rates
-            self.console.print(f"profile: decode small {r.small.decode:.1f} / large {r.large.decode:.1f} tok/s, "
-                               f"prefill small {r.small.prefill:.1f} / large {r.large.prefill:.1f} tok/s, probe "
-                               f"{r.probe_vs_decode:.3f} small decode tokens. {profile.verdict()}", markup=False)
+            self.profile()
         return self.engine.router(policy, pair or self.pair)
+
+    def profile(self) -> None:
+        """Measure the rates now (models loaded) and log them for the records that follow."""
+        if self.engine is None:
+            return
+        profile = profile_engine(self.engine)
+        self.log.add_profile(profile.to_dict())
+        r = profile.rates
+        self.console.print(f"profile: decode small {r.small.decode:.1f} / large {r.large.decode:.1f} tok/s, "
+                           f"prefill small {r.small.prefill:.1f} / large {r.large.prefill:.1f} tok/s, probe "
+                           f"{r.probe_vs_decode:.3f} small decode tokens. {profile.verdict()}", markup=False)
 
     def close(self) -> None:
         if self.engine is not None:
@@ -329,8 +369,12 @@ def run_records(run: BenchRun, ids: set[str] | None = None) -> list[dict]:
     return [r for r in load_results(run.path)[0] if r["mode"] == run.mode and (ids is None or r["id"] in ids)]
 
 
-def tradeoff_rows(runs: list[BenchRun], records: dict[str, list[dict]], rates: Rates | None) -> list[TradeoffRow]:
-    """A row per run with records; `records` must already hold the same questions for every run."""
+def tradeoff_rows(runs: list[BenchRun], records: dict[str, list[dict]],
+                  rates_for: Callable[[str, str], Rates | None]) -> list[TradeoffRow]:
+    """A row per run with records; `records` must already hold the same questions for every run.
+
+    `rates_for(run label, question id)` gives the profile rates a record is bounded with (None: no bound).
+    """
     large = next((records[r.label] for r in runs if r.family == "large"), [])
     stats = {r.label: run_row(records[r.label], large) for r in runs if records[r.label]}
     small_acc = next((stats[r.label].accuracy for r in runs if r.family == "small" and r.label in stats), None)
@@ -341,8 +385,9 @@ def tradeoff_rows(runs: list[BenchRun], records: dict[str, list[dict]], rates: R
             continue
         s = stats[run.label]
         bound = None
-        if rates is not None:
-            ideal = sum(bound_seconds(r, rates) for r in records[run.label])
+        rates = [rates_for(run.label, r["id"]) for r in records[run.label]]
+        if all(rate is not None for rate in rates):
+            ideal = sum(bound_seconds(r, rate) for r, rate in zip(records[run.label], rates))
             bound = sum(r["wall_seconds"] for r in records[run.label]) / ideal if ideal > 0 else None
         rows.append(TradeoffRow(run, s, recovered_gap(s.accuracy, small_acc, large_acc), bound))
     return rows
@@ -439,6 +484,8 @@ STYLES = {"glimp": ("o", "#1f77b4", "glimp (H_init)"), "random": ("x", "#7f7f7f"
           "step_entropy": ("v", "#2ca02c", "step_entropy"), "step_perplexity": ("^", "#9467bd", "step_perplexity"),
           "adaptive": ("*", "#ff7f0e", "adaptive"), "small": ("s", "#17becf", "small alone"),
           "large": ("D", "#c2185b", "large alone")}
+# Families at about the same share are drawn a little apart, so their interval bars do not hide each other.
+DODGE = {"glimp": -0.009, "random": -0.003, "step_entropy": 0.003, "step_perplexity": 0.009}
 
 
 def write_plot(path: Path, rows: list[TradeoffRow], title: str) -> Path:
@@ -460,19 +507,19 @@ def write_plot(path: Path, rows: list[TradeoffRow], title: str) -> Path:
         mine = sorted((r for r in graded if r.run.family == family), key=lambda r: r.stats.large_share_tokens)
         if not mine:
             continue
-        x = [r.stats.large_share_tokens for r in mine]
+        x = [r.stats.large_share_tokens + DODGE.get(family, 0.0) for r in mine]
         y = [100 * r.stats.accuracy for r in mine]
         err = [[100 * (r.stats.accuracy - r.stats.ci_low) for r in mine],
                [100 * (r.stats.ci_high - r.stats.accuracy) for r in mine]]
         big = family in ("small", "large", "adaptive")
         ax.errorbar(x, y, yerr=err, fmt=marker + ("" if big or len(mine) == 1 else "-"), color=colour, capsize=3,
                     markersize=9 if big else 6, label=label, alpha=0.9)
-    ax.set_xlabel("large model's share of the trace tokens")
+    ax.set_xlabel("large model's share of the trace tokens (families dodged by up to ±0.009 so bars stay apart)")
     ax.set_ylabel("accuracy (%), 95% Wilson interval")
     ax.set_xlim(-0.03, 1.03)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=4, fontsize=8, frameon=False)
     try:
         fig.savefig(path, format="png")
     except OSError as exc:
@@ -493,10 +540,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration", type=Path, help="calibration questions (default: the shipped set)")
     p.add_argument("--calibration-questions", type=int, help="use only the first N calibration questions")
     p.add_argument("--shares", default=",".join(map(str, SHARES)), help="calibration large shares (default %(default)s)")
-    p.add_argument("--step-shares", help="shares to run step_entropy/step_perplexity at (default: every --shares)")
+    p.add_argument("--step-shares", help="shares the step_entropy / step_perplexity thresholds are picked for "
+                                          "(default: --shares; fewer make the run shorter)")
     p.add_argument("--taus", help="glimp taus for --shares, comma-separated, instead of calibrating them")
     p.add_argument("--adaptive-share", type=float, default=ADAPTIVE_SHARE)
     p.add_argument("--max-tokens", type=int, help="token budget per trace (default: the pair's); e.g. small for a smoke run")
+    p.add_argument("--profile-every", type=int, default=10, help="re-measure the rates every N questions")
     p.add_argument("--runs-dir", type=Path, help="results files (default: bench/results/tradeoff-<pair>)")
     p.add_argument("--report", action="store_true", help="print the tables from the finished results only")
     p.add_argument("--plot", type=Path, help="write the accuracy / large-token-share picture (PNG) here")
@@ -521,14 +570,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_tokens < 1:
             raise UsageError("--max-tokens must be at least 1")
         pair = dataclasses.replace(pair, max_tokens=args.max_tokens)
+    if args.profile_every < 1:
+        raise UsageError("--profile-every must be at least 1")
     shares = _floats(args.shares, "shares")
     taus = list(_floats(args.taus, "taus")) if args.taus else None
     if taus and len(taus) != len(shares):
         raise UsageError(f"--taus gives {len(taus)} taus for {len(shares)} shares")
-    if not all(0 < s < 1 for s in (*shares, args.adaptive_share)):
-        raise UsageError("--shares and --adaptive-share must be between 0 and 1")
+    step_shares = _floats(args.step_shares, "step-shares") if args.step_shares else shares
+    if not shares or not all(0 < s < 1 for s in (*shares, *step_shares, args.adaptive_share)):
+        raise UsageError("--shares, --step-shares and --adaptive-share must be between 0 and 1")
     runs_dir = args.runs_dir or REPO / "bench" / "results" / f"tradeoff-{pair.name}"
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        runs_dir.mkdir(parents=True, exist_ok=True)
     questions, skipped = load_questions(args.data, limit=args.questions, offset=args.offset)
     cal_questions, _ = load_questions(args.calibration or calibrate.calibration_set(),
                                       limit=args.calibration_questions)
@@ -540,21 +593,20 @@ def main(argv: list[str] | None = None) -> int:
     if overlap:
         raise UsageError(f"{overlap} calibration questions are also evaluation questions: the taus would not be held out")
 
-    models = Models(registry, pair, runs_dir / "profiles.jsonl", console)
+    log = ProfileLog(runs_dir / "profiles.jsonl")
+    models = Models(registry, pair, log, console)
     interrupted, runs = False, None
     try:
         th = calibrate_thresholds(cal_questions, pair, None if args.report else lambda policy: models.router(policy),
                                   runs_dir / "calibration", shares, args.adaptive_share, taus,
-                                  lambda line: console.print(line, markup=False))
-        step_shares = _floats(args.step_shares, "step shares") if args.step_shares else None
-        if step_shares and not set(step_shares) <= set(shares):
-            raise UsageError("--step-shares must be among --shares")
-        runs = plan_runs(pair, th, runs_dir, args.adaptive_share, step_shares)
-        console.print("thresholds: " + "; ".join(
-            f"{s:.0%}: tau {th.taus[s]:.4g}, H> {th.entropy[s]:.4g}, ppl> {th.perplexity[s]:.4g}" for s in shares)
-            + f"; adaptive tau0 {th.adaptive_tau:.4g}", markup=False)
+                                  lambda line: console.print(line, markup=False), step_shares)
+        runs = plan_runs(pair, th, runs_dir, args.adaptive_share)
+        console.print("thresholds: glimp tau " + ", ".join(f"{t:.4g} ({s:.0%})" for s, t in th.taus.items())
+                      + "; step_entropy " + ", ".join(f"{t:.4g} ({s:.0%})" for s, t in th.entropy.items())
+                      + "; step_perplexity " + ", ".join(f"{t:.4g} ({s:.0%})" for s, t in th.perplexity.items())
+                      + f"; adaptive tau0 {th.adaptive_tau:.4g}", markup=False)
         if not args.report:
-            interrupted = run_all(runs, questions, models, console)
+            interrupted = run_all(runs, questions, models, log, console, args.profile_every)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -567,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if interrupted else 0
 
 
-def run_all(runs: list[BenchRun], questions: list[Question], models: Models, console: Console) -> bool:
+def run_all(runs: list[BenchRun], questions: list[Question], models: Models, log: ProfileLog, console: Console,
+            profile_every: int) -> bool:
     """Open every run's file, run what is missing question-major; True if interrupted."""
     files = {}
     try:
@@ -598,8 +651,11 @@ def run_all(runs: list[BenchRun], questions: list[Question], models: Models, con
             marks = " ".join(f"{'✓' if r['correct'] else '✗'}{r['wall_seconds']:.0f}s" for r in written)
             console.print(f"[{k + 1}/{len(questions)}] id {question.id}: {marks} · "
                           f"~{rate * (len(questions) - k - 1) / 60:.0f} min left", markup=False)
+            if finished % profile_every == 0:
+                models.profile()
 
-        outcome = run_interleaved(runs, questions, files, router_for, on_question)
+        outcome = run_interleaved(runs, questions, files, router_for, on_question,
+                                  on_result=lambda run, record: log.add_record(run.label, record["id"]))
     finally:
         for file in files.values():
             file.close()
@@ -618,14 +674,14 @@ def report(runs: list[BenchRun], questions: list[Question], runs_dir: Path, pair
     if not ids:
         console.print("no question is finished by every run yet: no table")
         return
-    rates, sessions = session_rates(runs_dir / "profiles.jsonl")
-    rows = tradeoff_rows(runs, records, rates)
+    rates_for, profiles = ProfileLog(runs_dir / "profiles.jsonl").rates()
+    rows = tradeoff_rows(runs, records, rates_for)
     pairs = comparisons(rows, records)
     for table in render_tables(rows, pairs, len(ids)):
         out.print(table)
         out.print()
     note = (f"Pair {pair.name} ({pair.small} / {pair.large}), greedy, {len(ids)} of {len(questions)} questions; "
-            + (f"bound at the median rates of {sessions} profile(s), one per session." if rates else
+            + (f"each record bounded at the rates profiled last before it ({profiles} profiles)." if profiles else
                "no profile recorded: no bound."))
     out.print(note, markup=False)
     if md:

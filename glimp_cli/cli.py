@@ -513,6 +513,52 @@ def profile(
             out.print(render_profile(measured))
 
 
+@app.command()
+def serve(
+    ctx: typer.Context,
+    pair: Optional[list[str]] = typer.Option(
+        None, "--pair", envvar="GLIMP_PAIR", metavar="PAIR", help="Pair to serve; repeat for several (default: the registry's default_pair)."),
+    host: str = typer.Option("127.0.0.1", "--host", envvar="GLIMP_HOST", help="Address to listen on (default: this machine only)."),
+    port: int = typer.Option(8000, "--port", envvar="GLIMP_PORT", help="Port to listen on (0: any free port)."),
+    workers: int = typer.Option(1, "--workers", envvar="GLIMP_WORKERS", help="Workers per pair, each with its own loaded models (one request at a time each)."),
+    queue: int = typer.Option(8, "--queue", envvar="GLIMP_QUEUE", help="Requests per pair that may wait for a worker; past that the answer is 503 with Retry-After."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="NAME of an environment variable holding the API key; then every /v1 route needs Authorization: Bearer KEY."),
+    max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", help="Largest request body accepted (413 past it)."),
+    small: Optional[str] = SmallOpt,
+    large: Optional[str] = LargeOpt,
+    tau: Optional[float] = TauOpt,
+    mode: Optional[Mode] = ModeOpt,
+    large_share: Optional[float] = ShareOpt,
+    temperature: Optional[float] = TempOpt,
+    top_p: Optional[float] = TopPOpt,
+    seed: Optional[int] = SeedOpt,
+    max_tokens: Optional[int] = MaxTokOpt,
+    max_step_tokens: Optional[int] = MaxStepOpt,
+    delimiter: Optional[str] = DelimOpt,
+    estimator: Optional[str] = EstOpt,
+    config: Optional[Path] = ConfigOpt,
+    verbose: bool = VerboseOpt,
+):
+    """Serve the router behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a live page at /.
+
+    Settings given here are the defaults of every request; a request overrides temperature, top_p, seed and max_tokens with the OpenAI fields, and tau, mode, large_share and max_step_tokens as extra body fields. Needs the serve extra of glimp (starlette, uvicorn, sse-starlette).
+    """
+    with user_errors():
+        from glimp_cli.serve import ServeOptions
+        from glimp_cli.serve import serve as run_server
+
+        values = dict(small=small, large=large, tau=tau, mode=mode, large_share=large_share,
+                      temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens,
+                      max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator)
+        specs, registry = [], None
+        for name in dict.fromkeys(pair or [None]):
+            registry, spec = _resolve(ctx, config, name, values, verbose)
+            specs.append(spec)
+        stopped = run_server(ServeOptions(registry, specs, host, port, workers, queue, api_key_env, max_body_bytes,
+                                          log=lambda line: err.print(line, markup=False)))
+        err.print(f"glimp serve: stopped ({stopped})", markup=False)
+
+
 def version_callback(value: bool):
     if value:
         typer.echo(f"glimp {__version__}")

@@ -24,8 +24,8 @@ from glimp_cli.prompts import render_prompt
 
 SHARES = tuple(i / 10 for i in range(11))
 DEFAULT_STEP_TOKENS = 40  # a GSM8K reasoning line is ~20-40 tokens: the catch-up batch and tokens per probe
-DECODE_TOKENS = 32
-PREFILL_REPEATS = 3
+ROUNDS = 3  # per model: DECODE_TOKENS decoded, then one catch-up batch
+DECODE_TOKENS = 16
 PROBE_REPEATS = 16
 # Below this share of large-alone's time saved at best (an all-small trace), routing "saves little".
 LITTLE_SAVING = 0.25
@@ -212,25 +212,34 @@ def step_tokens_of(backend, n: int) -> list[int]:
     return tokens[:n]
 
 
-def measure_model(backend, prompt: Sequence[int], batch: int) -> ModelRates:
-    """Decode and catch-up prefill rates of one model after `prompt` (medians over repeats)."""
-    backend.rewind(0)
-    backend.extend(prompt)
-    decode = []
-    for _ in range(DECODE_TOKENS):
-        token = int(np.argmax(backend.next_logits()))
-        t0 = perf_counter()
-        backend.extend((token,))
-        decode.append(perf_counter() - t0)
-    step = step_tokens_of(backend, batch)
-    at = len(backend.tokens)
-    prefill = []
-    for _ in range(PREFILL_REPEATS):
-        t0 = perf_counter()
-        backend.extend(step)
-        prefill.append(perf_counter() - t0)
-        backend.rewind(at)
-    return ModelRates(1.0 / statistics.median(decode), batch / statistics.median(prefill), batch)
+def measure_models(backends: Mapping[str, object], prompts: Mapping[str, Sequence[int]], batch: int) -> dict:
+    """Decode and catch-up prefill rates (ModelRates) per role, each model after its prompt.
+
+    The models take turns, round by round, so a burst of load on a shared machine hits both; each
+    rate is the fastest round's (decode: the median token of the round).
+    """
+    decode: dict = {role: [] for role in backends}
+    prefill: dict = {role: [] for role in backends}
+    steps = {}
+    for role, backend in backends.items():
+        backend.rewind(0)
+        backend.extend(prompts[role])
+        steps[role] = step_tokens_of(backend, batch)
+    for _ in range(ROUNDS):
+        for role, backend in backends.items():
+            times = []
+            for _ in range(DECODE_TOKENS):
+                token = int(np.argmax(backend.next_logits()))
+                t0 = perf_counter()
+                backend.extend((token,))
+                times.append(perf_counter() - t0)
+            decode[role].append(statistics.median(times))
+            at = len(backend.tokens)
+            t0 = perf_counter()
+            backend.extend(steps[role])
+            prefill[role].append(perf_counter() - t0)
+            backend.rewind(at)
+    return {role: ModelRates(1.0 / min(decode[role]), batch / min(prefill[role]), batch) for role in backends}
 
 
 def measure_probe(backend) -> float:
@@ -251,7 +260,7 @@ def profile_engine(engine, step_tokens: int = DEFAULT_STEP_TOKENS) -> Profile:
     """Measure both loaded models of an Engine; their contexts are left empty afterwards."""
     if step_tokens < 1:
         raise UsageError(f"--step-tokens {step_tokens} must be at least 1")
-    rates, threads, models = {}, {}, {}
+    threads, models, prompts = {}, {}, {}
     for role in (SMALL, LARGE):
         backend = engine.backends[role]
         if getattr(backend, "context", "tokens") == "text":
@@ -260,9 +269,10 @@ def profile_engine(engine, step_tokens: int = DEFAULT_STEP_TOKENS) -> Profile:
         spec = engine.registry.model(getattr(engine.pair, role))
         models[role] = spec.name
         threads[role] = spec.threads or os.cpu_count() or 1
-        rates[role] = measure_model(backend, prompt_tokens(backend, spec.prompt), step_tokens)
-        if role == SMALL:
-            probe = measure_probe(backend)
+        prompts[role] = prompt_tokens(backend, spec.prompt)
+    rates = measure_models({role: engine.backends[role] for role in (SMALL, LARGE)}, prompts, step_tokens)
+    probe = measure_probe(engine.backends[SMALL])
+    for backend in engine.backends.values():
         backend.rewind(0)
     return Profile(engine.pair.name, models, threads, Rates(rates[SMALL], rates[LARGE], probe), step_tokens)
 

@@ -149,6 +149,13 @@ def test_plan_runs_puts_each_random_run_after_its_glimp_run_with_its_own_file(tm
     assert runs[6].policy().name.startswith("adaptive(large_share=0.5")
 
 
+def test_two_shares_with_one_threshold_are_one_run(tmp_path):
+    tied = tradeoff.Thresholds({0.2: 1.0, 0.35: 1.0}, {0.2: 0.5, 0.35: 0.7}, {0.2: 2.0, 0.35: 2.0}, 1.0)
+    runs = tradeoff.plan_runs(PAIR, tied, tmp_path, adaptive_share=0.35)
+    assert [r.label for r in runs] == ["small alone", "large alone", "glimp 20%", "random ~ glimp 20%",
+                                       "step_entropy 20%", "step_entropy 35%", "step_perplexity 20%", "adaptive 35%"]
+
+
 def test_tradeoff_rows_and_paired_comparisons(tmp_path):
     runs = runs_in(tmp_path)
     by = {r.family: r for r in runs}
@@ -165,7 +172,7 @@ def test_tradeoff_rows_and_paired_comparisons(tmp_path):
         records[by[family].label] = [
             record(str(i + 1), mode, c, 2.0 if family == "large" else 3.0, tokens=(40, 20),
                    evaluated={SMALL: 50, LARGE: 30}, steps=(1, 1)) for i, c in enumerate(correct)]
-    rows = tradeoff.tradeoff_rows(runs, records, RATES)
+    rows = tradeoff.tradeoff_rows(runs, records, lambda label, qid: RATES)
     row = {r.run.family: r for r in rows}
     assert row["glimp"].stats.accuracy == 0.75 and row["small"].stats.accuracy == 0.25
     assert row["glimp"].gap == pytest.approx((0.75 - 0.25) / (0.75 - 0.25))
@@ -173,7 +180,7 @@ def test_tradeoff_rows_and_paired_comparisons(tmp_path):
     assert row["glimp"].stats.latency_vs_large == pytest.approx(1.5)
     ideal = 40 / 50 + 20 / 25 + 10 / 200 + 10 / 100
     assert row["glimp"].vs_bound == pytest.approx(3.0 / ideal)
-    assert tradeoff.tradeoff_rows(runs, records, None)[0].vs_bound is None
+    assert tradeoff.tradeoff_rows(runs, records, lambda label, qid: None)[0].vs_bound is None
 
     pairs = {(c.a.run.family, c.b.run.family): c.paired for c in tradeoff.comparisons(rows, records)}
     assert set(pairs) == {("glimp", "random"), ("glimp", "step_entropy"), ("glimp", "step_perplexity"),
@@ -186,6 +193,28 @@ def test_tradeoff_rows_and_paired_comparisons(tmp_path):
     text = tradeoff.markdown(rows, list(tradeoff.comparisons(rows, records)), 4, "note")
     assert "\n| glimp 50% | tau 1 | 50% | 75.0% (" in text
     assert "\n| glimp 50% | random ~ glimp 50% | 33.3% / 33.3% | 2 | 0 | 2 | 0.5 |" in text
+
+
+def test_each_record_is_bounded_with_the_profile_measured_last_before_it(tmp_path):
+    log = tradeoff.ProfileLog(tmp_path / "profiles.jsonl")
+    slow = Rates(ModelRates(5.0, 20.0, 40), ModelRates(2.5, 10.0, 40), 0.1)
+    third = Rates(ModelRates(70.0, 300.0, 40), ModelRates(20.0, 90.0, 40), 0.02)
+
+    def profile(rates: Rates) -> dict:
+        return {"rates": {SMALL: vars(rates.small), LARGE: vars(rates.large)}, "probe_seconds": rates.probe_seconds}
+
+    assert log.rates()[0]("glimp", "1") is None  # nothing measured: no bound
+    log.add_profile(profile(slow))
+    log.add_record("glimp", "1")
+    log.add_profile(profile(RATES))
+    log.add_record("glimp", "2")
+    log.add_profile(profile(third))
+    with log.path.open("a") as file:
+        file.write('{"record": ["glimp", "3"')  # a torn last line
+    rates_for, profiles = log.rates()
+    assert profiles == 3
+    assert rates_for("glimp", "1") == slow and rates_for("glimp", "2") == RATES
+    assert rates_for("glimp", "3") == median_rates([slow, RATES, third])  # no entry: the median
 
 
 def test_draft_scores_read_only_judged_small_drafts(tmp_path):

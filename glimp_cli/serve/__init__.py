@@ -1,0 +1,41 @@
+"""`glimp serve`: the router behind an OpenAI-compatible HTTP API, with a live page at `/`.
+
+Importing this package loads no web framework; `serve` checks the `serve` extra and then starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from glimp_cli.config import PairSpec, Registry
+from glimp_cli.errors import MissingExtraError
+
+
+@dataclass
+class ServeOptions:
+    """What `glimp serve` was asked for; `log` prints one line to the operator."""
+
+    registry: Registry
+    pairs: list[PairSpec]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    queue_size: int = 8
+    api_key_env: str | None = None
+    max_body_bytes: int = 1_000_000
+    log: Callable[[str], None] = print
+
+
+def serve(options: ServeOptions) -> str:
+    """Run the server until a signal stops it; returns how it stopped."""
+    try:
+        import sse_starlette  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError(f"glimp serve needs the serve extra ({exc.name} is missing): "
+                                "pip install 'glimp[serve]'") from None
+    from glimp_cli.serve.server import run
+
+    return run(options)

@@ -1,0 +1,143 @@
+"""The live trace as one content string that streams in deltas never taken back.
+
+The content is every step's text joined by the pair's delimiter, cut before the first stop string the
+request asked for. While a step is written its text may still change at the end: the router strips
+the trailing whitespace of a small-model step that hands the answer over, and drops a draft that is
+only whitespace before the answer marker or that a draft-then-verify policy rejects. So a piece is
+sent once non-whitespace text follows it, drafts of rewriting policies wait for their step to settle,
+and the tail that could still grow into a stop string is held back. The streamed deltas therefore add
+up to exactly the content of the non-streaming answer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from glimp_cli.router import Step
+
+# An event for the HTTP side: ("delta", text, step_start or None) or ("step_end", step record).
+Emit = Callable[[tuple], None]
+
+
+class Aborted(Exception):
+    """Raised from the listener to stop a trace between tokens; `reason` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TraceStream:
+    """A StepListener for one request: turns pieces into content deltas, stops at stop strings.
+
+    `cancelled()` returns a reason to stop (client gone, server shutting down) or None; it is asked
+    before every piece, so generation stops at the next token that yields text.
+    """
+
+    def __init__(self, delimiter: str, stops: tuple[str, ...], hold_small_drafts: bool,
+                 emit: Emit | None, cancelled: Callable[[], str | None]):
+        self.delimiter = delimiter
+        self.stops = stops
+        self.hold_small_drafts = hold_small_drafts
+        self.emit = emit
+        self.cancelled = cancelled
+        self.committed = ""  # content of the finished steps
+        self.finished_steps = 0
+        self.sent = 0  # characters of content already sent
+        self.stopped = False  # a request stop string was reached: content ends at `cut`
+        self.cut: int | None = None
+        self._step: dict | None = None  # the step being written: index, model, h_init
+        self._announced = False
+        self._live = ""
+
+    # StepListener
+    def step_started(self, index: int, model: str, h_init: float | None) -> None:
+        self._check()
+        self._step = {"index": index, "model": model, "h_init": h_init}
+        self._announced = False
+        self._live = ""
+
+    def text(self, piece: str) -> None:
+        self._check()
+        self._live += piece
+        if self.hold_small_drafts and self._step and self._step["model"] == "small":
+            return
+        visible = self._live.rstrip()
+        if visible:
+            self._advance(self._content_with(visible), final=False)
+
+    def draft_discarded(self, index: int, tokens: int) -> None:
+        self._live = ""  # nothing of it was sent: only whitespace, or a held draft
+
+    # driven by the worker
+    def step_finished(self, step: Step) -> None:
+        """The router settled a step: its text is final; send it (the step's start if not yet)."""
+        if self._step is None or self._step["index"] != step.index or self._step["model"] != step.model:
+            self._step = {"index": step.index, "model": step.model, "h_init": step.h_init}
+            self._announced = False
+        self._advance(self._content_with(step.text), final=False, force_announce=True)
+        self.committed = self._content_with(step.text)
+        self.finished_steps += 1
+        self._step = None
+        self._live = ""
+        if self.emit:
+            self.emit(("step_end", step_record(step)))
+        self._check()
+
+    def finish(self) -> str:
+        """The trace ended: send what was held back; returns the whole content."""
+        if not self.stopped:
+            self._advance(self.committed, final=True)
+        return self.content
+
+    @property
+    def content(self) -> str:
+        return self.committed[: self.cut] if self.stopped else self.committed
+
+    def _content_with(self, step_text: str) -> str:
+        return self.committed + (self.delimiter if self.finished_steps else "") + step_text
+
+    def _check(self) -> None:
+        reason = self.cancelled()
+        if reason:
+            raise Aborted(reason)
+
+    def _advance(self, target: str, final: bool, force_announce: bool = False) -> None:
+        """Send `target` (a prefix of the final content) up to what is surely content."""
+        longest = max((len(s) for s in self.stops), default=0)
+        start = max(0, self.sent - longest)
+        hits = [i for i in (target.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.cut = min(hits)
+            self.committed = target
+            self.stopped = True
+            self._send(target[: self.cut], force_announce)
+            raise Aborted("stop")
+        upto = len(target) if final else len(target) - self._held_tail(target)
+        self._send(target[:upto], force_announce)
+
+    def _held_tail(self, text: str) -> int:
+        """Length of the longest tail of `text` that could still grow into a stop string."""
+        tail = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), tail, -1):
+                if text.endswith(s[:k]):
+                    tail = k
+                    break
+        return tail
+
+    def _send(self, upto: str, force_announce: bool) -> None:
+        delta = upto[self.sent:]
+        start = None
+        if self._step is not None and not self._announced and (delta or force_announce):
+            start, self._announced = dict(self._step), True
+        if not delta and start is None:
+            return
+        self.sent = max(self.sent, len(upto))
+        if self.emit:
+            self.emit(("delta", delta, start))
+
+
+def step_record(step: Step) -> dict:
+    """What a streamed chunk says about a finished step: the trace's own step record."""
+    return step.to_dict()

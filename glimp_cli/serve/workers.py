@@ -1,0 +1,231 @@
+"""Workers that each own one loaded pair (a llama.cpp context is not thread-safe), behind a bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import queue
+import sys
+import threading
+import traceback
+import uuid
+from collections import deque
+from statistics import median
+from time import perf_counter
+from typing import Callable
+
+from glimp_cli import __version__
+from glimp_cli.engine import Engine, pair_policy
+from glimp_cli.errors import ContextLimitError, GlimpError
+from glimp_cli.grading import extract_answer
+from glimp_cli.prompts import render_prompt
+from glimp_cli.serve.protocol import ApiError, CompletionRequest, finish_reason
+from glimp_cli.serve.stream import Aborted, TraceStream
+
+SHUTDOWN = "shutdown"
+DISCONNECTED = "disconnected"
+OUTCOMES = ("done", "error", DISCONNECTED, SHUTDOWN)
+
+
+class Job:
+    """One request on its way through a worker; events come back on `events`, in the event loop."""
+
+    def __init__(self, request: CompletionRequest, loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancel_reason: str | None = None
+        prefix = "chatcmpl" if request.kind == "chat" else "cmpl"
+        self.ident = f"{prefix}-{uuid.uuid4().hex}"
+
+    def cancel(self, reason: str) -> None:
+        """Stop the job at its next token (or skip it if it is still waiting)."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+
+    def put(self, event: tuple) -> None:
+        """Hand an event to the request's handler; called from the worker thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:
+            pass  # the event loop is closed: the server stopped and nobody waits any more
+
+
+class WorkerPool:
+    """The workers of one pair and the requests admitted to wait for them.
+
+    At most `workers + queue_size` requests are admitted at once; past that `submit` answers 503
+    with a Retry-After of the median recent request time.
+    """
+
+    def __init__(self, name: str, engines: list[Engine], queue_size: int):
+        self.name = name
+        self.engines = engines
+        self.queue_size = queue_size
+        self.capacity = len(engines) + queue_size
+        self.stopping = False  # set from the signal handler: only a flag, no lock
+        self._lock = threading.Lock()
+        self._admitted = 0
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._recent: deque[float] = deque(maxlen=32)
+        self.busy = 0
+        self.outcomes: dict[str, int] = {}  # how admitted jobs ended: done, error, disconnected, shutdown
+        self._threads = [threading.Thread(target=self._work, args=(engine,), name=f"glimp-serve-{name}-{i}", daemon=True)
+                         for i, engine in enumerate(engines)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Admit a job, or raise a 503 ApiError when the workers and the queue are full."""
+        with self._lock:
+            if self.stopping:
+                raise shutting_down()
+            if self._admitted >= self.capacity:
+                raise ApiError(503, f"pair {self.name!r} is at capacity: {len(self.engines)} worker(s) busy and "
+                                    f"{self.queue_size} request(s) waiting; retry later",
+                               kind="server_error", code="server_overloaded",
+                               headers={"Retry-After": str(self.retry_after())})
+            self._admitted += 1
+        self._jobs.put(job)
+
+    def load(self) -> dict:
+        """Workers busy, requests waiting, and how the admitted requests ended so far."""
+        with self._lock:
+            return {"workers": len(self.engines), "busy": self.busy, "waiting": self._admitted - self.busy,
+                    "queue": self.queue_size, **{k: self.outcomes.get(k, 0) for k in OUTCOMES}}
+
+    def retry_after(self) -> int:
+        """Seconds a client should wait: the median time of recent requests, at least 1."""
+        return max(1, math.ceil(median(self._recent))) if self._recent else 1
+
+    def begin_shutdown(self) -> None:
+        """Make every running and waiting job stop at its next token (safe in a signal handler)."""
+        self.stopping = True
+
+    def close(self) -> None:
+        """Stop the workers once their jobs have stopped, then release the models."""
+        self.stopping = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+        for engine in self.engines:
+            engine.close()
+
+    def _work(self, engine: Engine) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            start = perf_counter()
+            with self._lock:
+                self.busy += 1
+            outcome = "error"
+            try:
+                outcome = run_job(engine, job, lambda: job.cancel_reason or (SHUTDOWN if self.stopping else None))
+            finally:
+                with self._lock:
+                    self.busy -= 1
+                    self._admitted -= 1
+                    self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+                self._recent.append(perf_counter() - start)
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", kind="server_error", code="server_shutting_down",
+                    headers={"Retry-After": "1"})
+
+
+def run_job(engine: Engine, job: Job, cancelled: Callable[[], str | None]) -> str:
+    """Run one request's trace on this worker's pair; every outcome becomes one final event.
+
+    Returns how it ended: one of OUTCOMES.
+    """
+    request = job.request
+    reason = cancelled()
+    if reason:
+        if reason == SHUTDOWN:
+            job.put(("error", shutting_down()))
+        return reason  # a client that left while waiting needs no answer
+    try:
+        policy = pair_policy(request.pair)
+        prompts = prompt_lengths(engine, request, policy.models)
+        job.put(("started",))
+        stream = TraceStream(request.pair.delimiter, request.stop, policy.rewrite is not None,
+                             job.put if request.stream else None, cancelled)
+        trace = engine.router(policy, request.pair).run(request.question, stream)
+        try:
+            for step in trace:
+                stream.step_finished(step)
+        except Aborted as exc:
+            if exc.reason == DISCONNECTED:
+                return DISCONNECTED
+            if exc.reason == SHUTDOWN:
+                job.put(("error", ApiError(503, "the server is shutting down: generation was stopped",
+                                           kind="server_error", code="server_shutting_down")))
+                return SHUTDOWN
+        content = stream.finish()
+        job.put(("done", trace_result(request, trace, policy, content, prompts, stream.stopped)))
+        return "done"
+    except ApiError as exc:
+        job.put(("error", exc))
+        return "error"
+    except ContextLimitError as exc:
+        job.put(("error", ApiError(400, str(exc), param=_question_param(request), code="context_length_exceeded")))
+        return "error"
+    except GlimpError as exc:
+        job.put(("error", ApiError(500, str(exc), kind="server_error")))
+        return "error"
+    except Exception:  # a bug: the client gets an error body, the log gets the traceback
+        traceback.print_exc(file=sys.stderr)
+        job.put(("error", ApiError(500, "internal error in glimp serve (the server's log has the details)",
+                                   kind="server_error")))
+        return "error"
+
+
+def prompt_lengths(engine: Engine, request: CompletionRequest, roles) -> dict[str, int]:
+    """Prompt tokens per model the policy uses; a 400 when the prompt (and the asked budget) cannot fit."""
+    pair = request.pair
+    lengths = {}
+    for role in ("small", "large"):
+        backend = engine.backends.get(role)
+        if role not in roles or backend is None or getattr(backend, "context", "tokens") == "text":
+            continue  # a server-side model's tokenizer is not at hand: its server refuses what does not fit
+        name = getattr(pair, role)
+        text = render_prompt(engine.registry.model(name).prompt, request.question, backend.chat_template,
+                             backend.bos_token, backend.eos_token, backend.name)
+        bos = not (backend.bos_token and text.startswith(backend.bos_token))  # as the router tokenizes it
+        n = len(backend.tokenize(text, special=True, bos=bos))
+        if n >= backend.n_ctx:
+            raise ApiError(400, f"the prompt is {n} tokens but model {name!r} has a context of {backend.n_ctx} "
+                                "tokens: shorten the question", param=_question_param(request),
+                           code="context_length_exceeded")
+        if request.max_tokens_given and n + pair.max_tokens > backend.n_ctx:
+            raise ApiError(400, f"model {name!r} has a context of {backend.n_ctx} tokens: the prompt takes {n} and "
+                                f"max_tokens asks for {pair.max_tokens} more", param="max_tokens",
+                           code="context_length_exceeded")
+        lengths[role] = n
+    return lengths
+
+
+def trace_result(request: CompletionRequest, trace, policy, content: str, prompts: dict[str, int],
+                 stopped: bool) -> dict:
+    """The finished request: content, finish_reason, usage and the `glimp` record (as `glimp ask --json`)."""
+    pair = request.pair
+    record = trace.to_dict()
+    record.pop("question")
+    if stopped:
+        record["stop_reason"] = "request_stop"
+    record.update(pair=pair.name, small=pair.small, large=pair.large, tau=pair.tau, mode=pair.mode,
+                  estimator=pair.estimator, extracted_answer=extract_answer(trace.answer_text) if trace.steps else None,
+                  timing=policy.timing, version=__version__, prompt_tokens=prompts,
+                  large_share=record["summary"]["large_share_steps"])
+    completion = sum(step.tokens for step in trace.steps)
+    usage = {"prompt_tokens": sum(prompts.values()), "completion_tokens": completion,
+             "total_tokens": sum(prompts.values()) + completion}
+    return {"content": content, "finish_reason": "stop" if stopped else finish_reason(trace.stop_reason),
+            "usage": usage, "glimp": record}
+
+
+def _question_param(request: CompletionRequest) -> str:
+    return "messages" if request.kind == "chat" else "prompt"
