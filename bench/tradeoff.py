@@ -207,10 +207,12 @@ def drafts_pair(pair: PairSpec) -> PairSpec:
 def calibrate_thresholds(questions: list[Question], pair: PairSpec, make_router: Callable | None, cal_dir: Path,
                          shares: tuple, adaptive_share: float, taus: list[float] | None = None,
                          say: Callable[[str], None] = lambda line: None,
-                         step_shares: tuple | None = None) -> Thresholds:
+                         step_shares: tuple | None = None,
+                         draft_questions: list[Question] | None = None) -> Thresholds:
     """Thresholds from the calibration questions: small alone gives H_init, a scoring run the draft signals.
 
-    With `make_router` None nothing runs: both runs must already be complete in `cal_dir`.
+    The scoring run takes `draft_questions` (default: the same questions). With `make_router` None
+    nothing runs: both runs must already be complete in `cal_dir`.
     """
     if make_router is not None:
         cal_dir.mkdir(parents=True, exist_ok=True)
@@ -233,11 +235,12 @@ def calibrate_thresholds(questions: list[Question], pair: PairSpec, make_router:
         adaptive_tau = tau_of[adaptive_share]
     drafts = drafts_pair(pair)
     path = cal_dir / "drafts.jsonl"
+    questions = questions if draft_questions is None else draft_questions
+    ids = {q.id for q in questions}
     if make_router is not None:
         settings = {**pair_settings(drafts), "large_share": None}
-        out, done = ResultsFile.open(path, resume=True, settings_key=settings)
+        out, done = ResultsFile.open(path, resume=True, settings_key=settings, questions=questions)
         with out:
-            calibrate.check_same_questions(path, questions)
             pending = sum((q.id, drafts.mode) not in done for q in questions)
             if pending:
                 say(f"calibration, scored drafts: {pending} of {len(questions)} questions to run into {path}")
@@ -539,6 +542,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--calibration", type=Path, help="calibration questions (default: the shipped set)")
     p.add_argument("--calibration-questions", type=int, help="use only the first N calibration questions")
+    p.add_argument("--draft-questions", type=int, help="score drafts for the step thresholds on only N calibration "
+                                                       "questions (default: all of them)")
+    p.add_argument("--draft-offset", type=int, default=0, help="the first calibration question of --draft-questions")
     p.add_argument("--shares", default=",".join(map(str, SHARES)), help="calibration large shares (default %(default)s)")
     p.add_argument("--step-shares", help="shares the step_entropy / step_perplexity thresholds are picked for "
                                           "(default: --shares; fewer make the run shorter)")
@@ -599,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         th = calibrate_thresholds(cal_questions, pair, None if args.report else lambda policy: models.router(policy),
                                   runs_dir / "calibration", shares, args.adaptive_share, taus,
-                                  lambda line: console.print(line, markup=False), step_shares)
+                                  lambda line: console.print(line, markup=False), step_shares,
+                                  draft_questions=cal_questions[args.draft_offset:][:args.draft_questions])
         runs = plan_runs(pair, th, runs_dir, args.adaptive_share)
         console.print("thresholds: glimp tau " + ", ".join(f"{t:.4g} ({s:.0%})" for s, t in th.taus.items())
                       + "; step_entropy " + ", ".join(f"{t:.4g} ({s:.0%})" for s, t in th.entropy.items())
@@ -625,10 +632,10 @@ def run_all(runs: list[BenchRun], questions: list[Question], models: Models, log
     files = {}
     try:
         for run in runs:
-            files[run.label], _ = ResultsFile.open(run.path, resume=True, settings_key=run.settings())
+            files[run.label], _ = ResultsFile.open(run.path, resume=True, settings_key=run.settings(),
+                                                   questions=questions)
             if files[run.label].repaired:
                 console.print(f"warning: {files[run.label].repaired}")
-            calibrate.check_same_questions(run.path, questions)
         left = sum(any((q.id, r.mode) not in files[r.label].done for r in runs) for q in questions)
         console.print(f"{len(runs)} runs × {len(questions)} questions; {left} questions not finished by every run")
         routers: dict[str, Router] = {}
