@@ -11,6 +11,7 @@ import dataclasses
 import os
 import platform
 import statistics
+import sys
 from pathlib import Path
 from time import perf_counter
 
@@ -24,7 +25,7 @@ from glimp_cli.engine import Engine
 from glimp_cli.policies import LARGE, SMALL, always_large, threshold
 from glimp_cli.questions import load_questions
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/test.jsonl"
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "test-1-1219.jsonl"  # no calibration row
 DECODE_TOKENS = 128  # per model and per measurement: contexts of prompt .. prompt+128, like a trace's
 # Timings on a shared machine come with bursts (other jobs' threads take our cores): every timed run
 # is repeated and the fastest kept, and per-token costs are medians.
@@ -40,6 +41,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--pair", default="tiny", help="pair of models.yaml (default: tiny, the pair bench/README.md reports)")
     return p.parse_args()
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr, so a run of minutes shows it is alive without touching the table."""
+    print(f"bench/engine.py: {message}", file=sys.stderr, flush=True)
 
 
 def measure_decode(backend, prompt: list[int], n: int = DECODE_TOKENS) -> list[float]:
@@ -135,6 +141,7 @@ def report(rows: list[tuple[str, float, str, float | None]], caption: str) -> No
 def main() -> None:
     args = parse_args()
     questions, _ = load_questions(args.data, limit=args.questions, offset=args.offset)
+    progress(f"{len(questions)} questions from {args.data} (offset {args.offset}), pair {args.pair}: loading the models")
     registry = load_registry()
     pair = dataclasses.replace(registry.pair(args.pair), max_tokens=args.max_tokens)
     engine = Engine.load(registry, pair, {SMALL, LARGE})
@@ -148,7 +155,8 @@ def main() -> None:
     decode = {role: measure_decode(engine.backends[role], prompts[role]) for role in (SMALL, LARGE)}
 
     traces, large_runs = [], []
-    for q in questions:
+    for i, q in enumerate(questions, 1):
+        progress(f"question {i}/{len(questions)}: glimp and large-alone traces")
         traces.append(run_glimp(engine, glimp_router, q.question, REPEATS))
         large_runs.append(run_large_pair(engine, large_router, q.question))
 

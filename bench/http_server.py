@@ -38,7 +38,7 @@ from glimp_cli.prompts import render_prompt
 from glimp_cli.questions import load_questions
 from glimp_cli.router import ModelSlot, Router
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/test.jsonl"
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "test-1-1219.jsonl"  # no calibration row
 K = 20
 REPEATS = 2  # timed traces are repeated and the fastest kept (bursts from other jobs on a shared machine)
 
@@ -54,6 +54,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--server-cache", action="store_true",
                    help="start the servers with --cache true (llama.cpp server's RAM cache of saved states)")
     return p.parse_args()
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr, so a run of minutes shows it is alive without touching the table."""
+    print(f"bench/http_server.py: {message}", file=sys.stderr, flush=True)
 
 
 class Server:
@@ -151,6 +156,8 @@ def main() -> None:
     args = parse_args()
     questions, _ = load_questions(args.data, limit=args.questions)
     batch_questions, _ = load_questions(args.data, limit=args.batch_questions, offset=args.questions)
+    progress(f"{len(questions)} + {len(batch_questions)} questions from {args.data}, pair {args.pair}: "
+             "loading the models and starting the servers")
     registry = load_registry()
     pair = dataclasses.replace(registry.pair(args.pair), estimator=f"topk:{K}", tau=args.tau, max_tokens=args.max_tokens)
     specs = {role: registry.model(getattr(pair, role)) for role in (SMALL, LARGE)}
@@ -173,6 +180,7 @@ def main() -> None:
         probes = {}
         for mode, policy in (("glimp", threshold(args.tau)), ("large", always_large())):
             for where, backends, sp in (("in process", local, specs), ("server", remote, rspecs)):
+                progress(f"{mode} mode, {where}")
                 traces = [fastest(lambda: router(backends, sp, policy, pair), q.question) for q in questions]
                 latency[mode, where] = sum(t.wall_seconds for t in traces)
                 if mode == "glimp":
@@ -199,6 +207,7 @@ def main() -> None:
         rows.append((f"H_init: in-process exact - top-{K}", f"{np.mean(h[:, 0] - h[:, 1]):.3f}",
                      f"mean; r = {np.corrcoef(h[:, 0], h[:, 1])[0, 1]:.2f}"))
 
+        progress("batch throughput, in process and through the servers")
         qpm, tps = throughput(lambda: router(local, specs, threshold(args.tau), pair), batch_questions, 1, pair)
         rows.append((f"batch, in process, concurrency 1 ({len(batch_questions)} q)", f"{qpm:.1f} q/min",
                      f"{tps:.1f} tokens/s"))

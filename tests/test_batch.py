@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import fake_router
+from conftest import FIVE_STEPS, fake_router
 from glimp_cli import __version__
 from glimp_cli.backends.fake import tokenize_bytes
-from glimp_cli.backends.fake import ScriptedStep as S
 from glimp_cli.batch import (
     BASELINE, PROBED, ROUTED, ResultsFile, batch_settings, check_writable, order_modes, pair_settings, result_record,
     run_batch,
@@ -26,14 +25,7 @@ from glimp_cli.policies import make_policy
 from glimp_cli.questions import Question, load_questions
 from glimp_cli.router import Router
 
-# With tau = 1.0 glimp routes small, large, small, large, then the large model answers: 3 of 5 large.
-SCRIPT = [
-    S(0.5, "small one", "LARGE ONE"),
-    S(2.0, "small two", "LARGE TWO"),
-    S(0.3, "small three", "LARGE THREE"),
-    S(1.5, "small four", "LARGE FOUR"),
-    S(0.1, "The answer is 4.", "The answer is 42."),
-]
+# With tau = 1.0 glimp routes FIVE_STEPS small, large, small, large, then the large model answers: 3 of 5 large.
 GLIMP_SHARE = 3 / 5
 PAIR = PairSpec("fake", "fake-small", "fake-large", tau=1.0)
 KEY = pair_settings(PAIR)
@@ -55,7 +47,7 @@ class Routers:
     def __call__(self, mode: str, settings: dict) -> Router:
         self.calls.append((mode, settings["large_share"]))
         policy = make_policy(mode, settings["tau"], settings["large_share"] or 0.0, self.probe)
-        return fake_router(SCRIPT, policy, **self.fake_kwargs)
+        return fake_router(FIVE_STEPS, policy, **self.fake_kwargs)
 
 
 def read(path: Path) -> list[dict]:
@@ -71,7 +63,7 @@ def batch(path: Path, modes: list[str], questions=QUESTIONS, routers=None, share
 
 
 def trace_for(mode: str, probe: bool = False):
-    return fake_router(SCRIPT, make_policy(mode, 1.0, 0.5, probe)).run("question 1?").run()
+    return fake_router(FIVE_STEPS, make_policy(mode, 1.0, 0.5, probe)).run("question 1?").run()
 
 
 def test_result_record_of_a_routed_trace() -> None:

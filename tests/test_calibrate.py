@@ -21,9 +21,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import GSM8K_QUESTIONS, fake_router
+from conftest import FIVE_STEPS, GSM8K_QUESTIONS, fake_router
 from glimp_cli import calibrate as cal
-from glimp_cli.backends.fake import ScriptedStep as S
 from glimp_cli.batch import ResultsFile, pair_settings, run_batch
 from glimp_cli.cli import app
 from glimp_cli.config import PairSpec, load_registry, packaged_config
@@ -32,15 +31,7 @@ from glimp_cli.policies import adaptive, make_policy, share_threshold
 from glimp_cli.questions import Question
 from glimp_cli.report import ModeRow
 
-# H_init per step; the small model reaches the answer at the fifth step.
-SCRIPT = [
-    S(0.5, "small one", "LARGE ONE"),
-    S(2.0, "small two", "LARGE TWO"),
-    S(0.3, "small three", "LARGE THREE"),
-    S(1.5, "small four", "LARGE FOUR"),
-    S(0.1, "The answer is 42.", "The answer is 42."),
-]
-SCRIPT_H = [0.5, 2.0, 0.3, 1.5, 0.1]
+SCRIPT_H = [s.h_init for s in FIVE_STEPS]  # the small model's H_init at each step
 PAIR = PairSpec("default", "smollm2-135m", "gemma3-270m", tau=1.0)
 QUESTIONS = [Question(f"q{i}", f"question number {i}?", "42", i) for i in range(1, 5)]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -70,7 +61,7 @@ def fake_make_router(calls: list | None = None):
     def make(policy):
         if calls is not None:
             calls.append(policy.name)
-        return fake_router(SCRIPT, policy)
+        return fake_router(FIVE_STEPS, policy)
     return make
 
 
@@ -295,12 +286,10 @@ def test_the_shipped_calibration_set_is_kept_apart_from_the_benchmark_questions(
     assert len(shipped) == 100 and not skipped and all(q.reference for q in shipped)
     # The benchmarks and the real-model tests evaluate on the first GSM8K test rows.
     assert cal.count_overlap((q.question for q in shipped), GSM8K_QUESTIONS) == 0
-    data = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/test.jsonl"
-    if data.exists():
-        rows = data.read_text(encoding="utf-8").splitlines()
-        assert cal.calibration_set().read_text(encoding="utf-8").splitlines() == rows[-100:]
-        first = [json.loads(r)["question"] for r in rows[:-100]]
-        assert cal.count_overlap((q.question for q in shipped), first) == 0
+    # ... and on data/gsm8k/test-1-1219.jsonl, the rows of GSM8K's test split before the calibration rows.
+    evaluation, _ = load_questions(Path(__file__).resolve().parents[1] / "data/gsm8k/test-1-1219.jsonl")
+    assert len(evaluation) == 1219
+    assert cal.count_overlap((q.question for q in shipped), (q.question for q in evaluation)) == 0
 
 
 # --- the sweep on the fake pair -------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Tests for glimp_cli.questions on hand-made files and on the three benchmark files."""
+"""Tests for glimp_cli.questions on hand-made files and on the three benchmark files shipped in data/."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ import pytest
 from glimp_cli.errors import InputError, UsageError
 from glimp_cli.questions import Question, Skipped, load_questions, question_source
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
 
 
 def write(tmp_path: Path, *lines: str | bytes) -> Path:
@@ -116,17 +117,15 @@ def test_question_source_names_the_file_by_path_and_content_and_the_selection(tm
         question_source(tmp_path / "nope.jsonl")
 
 
-@needs_data
 def test_gsm8k_loads_as_it_is() -> None:
-    questions, skipped = load_questions(DATA / "gsm8k" / "test.jsonl")
-    assert skipped == [] and len(questions) == 1319
+    questions, skipped = load_questions(DATA / "gsm8k" / "test-1-1219.jsonl")
+    assert skipped == [] and len(questions) == 1219
     assert questions[0].id == "1" and questions[0].question.startswith("Janet")
     assert questions[0].reference == "18"
     assert questions[2].reference == "70000"
     assert all(q.reference for q in questions)
 
 
-@needs_data
 def test_aime24_loads_as_it_is() -> None:
     questions, skipped = load_questions(DATA / "aime24" / "test.jsonl")
     assert skipped == [] and len(questions) == 30
@@ -136,9 +135,35 @@ def test_aime24_loads_as_it_is() -> None:
     assert [q.reference for q in questions[6:9]] == ["721", "25", "809"]
 
 
-@needs_data
 def test_aime25_loads_as_it_is() -> None:
     questions, skipped = load_questions(DATA / "aime25" / "test.jsonl")
     assert skipped == [] and len(questions) == 30
     assert [q.id for q in questions] == [str(i) for i in range(30)]
     assert questions[0].reference == "70" and questions[0].question.startswith("Find the sum")
+
+
+def sources_table(sources: Path) -> dict[str, tuple[int, str]]:
+    """{file: (rows, sha256)} from the table of a SOURCES.md."""
+    lines = [l for l in sources.read_text(encoding="utf-8").splitlines() if l.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in l.strip("|").split("|")))) for l in lines[2:]]
+    return {r["file"]: (int(r["rows"]), r["sha256"]) for r in rows}
+
+
+@pytest.mark.parametrize("sources", [DATA / "SOURCES.md", REPO / "glimp_cli" / "data" / "SOURCES.md"])
+def test_shipped_data_files_match_the_rows_and_sha256_their_sources_file_credits(sources: Path) -> None:
+    table = sources_table(sources)
+    assert table and all(name.endswith(".jsonl") for name in table)
+    shipped = {str(p.relative_to(sources.parent)) for p in sources.parent.rglob("*.jsonl")}
+    assert shipped == set(table), "every data file is credited, and every credited file ships"
+    for name, (rows, sha256) in table.items():
+        data = (sources.parent / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sha256, name
+        assert data.count(b"\n") == rows and data.endswith(b"\n"), name
+
+
+def test_evaluation_and_calibration_gsm8k_rows_together_are_the_whole_gsm8k_test_split() -> None:
+    # Rows only selected, never edited: 1-1219 then the calibration rows 1220-1319 give back the file.
+    whole = (DATA / "gsm8k" / "test-1-1219.jsonl").read_bytes() + (REPO / "glimp_cli/data/calibration.jsonl").read_bytes()
+    credited = re.search(r"GSM8K's whole test split[^`]*`([0-9a-f]{64})`", (DATA / "SOURCES.md").read_text())
+    assert credited and hashlib.sha256(whole).hexdigest() == credited.group(1)
