@@ -107,6 +107,7 @@ def write_tau(path: str | Path, registry: Registry, pair_name: str, tau: float,
 
     path = Path(path).expanduser()
     yaml = YAML()  # round-trip: comments, order and quoting are kept
+    yaml.preserve_quotes = True
     yaml.width = 4096  # never re-wrap long lines of the user's file
     old = registry.pair(pair_name).tau
     changed = dict(changed or {})
