@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -35,6 +36,23 @@ def fake_router(script: list[ScriptedStep], policy: Policy, *, prompt: PromptFor
     settings.setdefault("estimator", parse_estimator("exact"))
     return Router(ModelSlot("small", small, prompt, stop), ModelSlot("large", large, large_prompt or prompt, stop),
                   policy, RouteSettings(**settings))
+
+
+@pytest.fixture
+def isolated(monkeypatch, tmp_path) -> None:
+    """No GLIMP_* setting or user models.yaml of the machine leaks in."""
+    for key in list(os.environ):
+        if key.startswith("GLIMP_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Loading a model fails the test: a refused value, or calibrating from traces, must never need one."""
+    from glimp_cli.engine import Engine
+
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **k: pytest.fail("a model was loaded")))
 
 
 @pytest.fixture

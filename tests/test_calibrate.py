@@ -11,7 +11,6 @@ import datetime
 import difflib
 import json
 import math
-import os
 import struct
 import sys
 from dataclasses import replace
@@ -37,24 +36,8 @@ QUESTIONS = [Question(f"q{i}", f"question number {i}?", "42", i) for i in range(
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path) -> None:
-    """No GLIMP_* setting or user models.yaml of the machine leaks in."""
-    for key in list(os.environ):
-        if key.startswith("GLIMP_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+pytestmark = pytest.mark.usefixtures("isolated")
 
-
-@pytest.fixture
-def no_models(monkeypatch):
-    """Loading a model fails the test: calibrating from traces must never need one."""
-    from glimp_cli.engine import Engine
-
-    def load(cls, *args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(Engine, "load", classmethod(load))
 
 
 def fake_make_router(calls: list | None = None):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -31,21 +30,8 @@ models:
 """
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path) -> None:
-    """No GLIMP_* setting or user models.yaml of the machine leaks in."""
-    for key in list(os.environ):
-        if key.startswith("GLIMP_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+pytestmark = pytest.mark.usefixtures("isolated")
 
-
-@pytest.fixture
-def no_models(monkeypatch):
-    """Loading a model fails the test: a refused value must stop the command before that."""
-    from glimp_cli.engine import Engine
-
-    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **k: pytest.fail("a model was loaded")))
 
 
 def pair_file(tmp_path: Path, key: str, value: str) -> Path:
