@@ -12,7 +12,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -71,7 +70,7 @@ ProbeOpt = typer.Option(False, "--probe-baseline", help="In large mode, also pro
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Say which source each setting came from, and where the models are.")
 
 
-def _overrides(ctx: click.Context, values: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+def _overrides(ctx: typer.Context, values: dict[str, Any]) -> dict[str, tuple[Any, str]]:
     """Settings given on the command line or in the environment, with their source."""
     out = {}
     for key, value in values.items():
@@ -88,7 +87,7 @@ def _overrides(ctx: click.Context, values: dict[str, Any]) -> dict[str, tuple[An
     return out
 
 
-def _resolve(ctx: click.Context, config: Optional[Path], pair_name: Optional[str], values: dict, verbose: bool):
+def _resolve(ctx: typer.Context, config: Optional[Path], pair_name: Optional[str], values: dict, verbose: bool):
     from glimp_cli.config import apply_overrides, load_registry
 
     registry = load_registry(config)

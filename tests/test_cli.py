@@ -161,6 +161,47 @@ def test_verbose_says_which_source_won(tmp_path, monkeypatch):
     assert "top_p = 1.0  (default)" in result.output
 
 
+def _declared_closure(dist: str) -> set[str]:
+    """`dist` and every distribution its non-extra requirements pull in, normalized names."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    norm = lambda name: name.lower().replace("_", "-").replace(".", "-")  # noqa: E731
+    seen, todo = set(), [dist]
+    while todo:
+        name = norm(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+def test_the_cli_imports_only_what_its_declared_dependencies_install():
+    # typer vendors click now: a direct `import click` worked here only because an extra pulled it in.
+    code = ("import sys; before = set(sys.modules)  # what the interpreter itself started with\n"
+            "from glimp_cli.cli import main; sys.argv = ['glimp', 'ask', '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})), file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    from importlib import metadata
+
+    owners = metadata.packages_distributions()
+    norm = lambda name: name.lower().replace("_", "-").replace(".", "-")  # noqa: E731
+    imported = {norm(d) for top in result.stderr.split() for d in owners.get(top, [])}
+    assert imported, "no imported module maps to a distribution"
+    assert imported - _declared_closure("glimp") == set()
+
+
 def test_help_does_not_import_llama_cpp():
     code = ("import sys; from glimp_cli.cli import main; sys.argv = ['glimp', 'ask', '--help']\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
