@@ -36,6 +36,10 @@ RECORDED_ONLY_KEYS = frozenset({"questions"})
 # large_share is compared for this mode only: it is the adaptive policy's target. Random's share may
 # be glimp's matched share, which moves as more glimp records are written; other modes ignore it.
 SHARE_MODES = frozenset({"adaptive"})
+# A threshold shapes only the modes that route by it: a large-alone record stays valid whatever tau is.
+THRESHOLD_MODES = {"tau": frozenset({"glimp", "adaptive"}),
+                   "step_entropy_threshold": frozenset({"step_entropy"}),
+                   "step_perplexity_threshold": frozenset({"step_perplexity"})}
 
 BASELINE = "baseline"
 ROUTED = "routed"
@@ -292,6 +296,7 @@ def _truncate(path: Path, size: int) -> None:
 def _run_key(settings: dict, mode: str) -> dict:
     """The settings compared for one mode's records (through JSON, so tuples equal the lists a file gives)."""
     skip = (PER_MODE_KEYS - ({"large_share"} if mode in SHARE_MODES else set())) | RECORDED_ONLY_KEYS
+    skip |= {key for key, modes in THRESHOLD_MODES.items() if mode not in modes}
     return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in skip}
 
 

@@ -457,3 +457,16 @@ def test_a_question_too_long_for_the_context_is_reported_not_written(tmp_path: P
     assert [r["id"] for r in read(path)] == ["q1", "q2"]
     assert [(i, m) for i, m, _ in outcome.failed] == [("long", "small")]
     assert "context of 200" in outcome.failed[0][2]
+
+
+def test_a_threshold_is_compared_only_for_the_modes_it_routes(tmp_path: Path) -> None:
+    # Large alone and small alone do not depend on tau: their records resume under another tau.
+    path = tmp_path / "r.jsonl"
+    batch(path, ["small", "large"], questions=QUESTIONS[:1], resume=False)
+    out, done = ResultsFile.open(path, resume=True, settings_key={**KEY, "tau": 2.0, "step_entropy_threshold": 9.0})
+    out.close()
+    assert done == {("q1", "small"), ("q1", "large")}
+    glimp = tmp_path / "g.jsonl"
+    batch(glimp, ["glimp"], questions=QUESTIONS[:1], resume=False)
+    with pytest.raises(InputError, match=r"tau=1\.0 .*tau=2\.0"):
+        ResultsFile.open(glimp, resume=True, settings_key={**KEY, "tau": 2.0})
