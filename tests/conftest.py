@@ -38,6 +38,17 @@ def fake_router(script: list[ScriptedStep], policy: Policy, *, prompt: PromptFor
                   policy, RouteSettings(**settings))
 
 
+def default_sigint() -> None:
+    """Give a child process the default Ctrl-C handling (a `preexec_fn`).
+
+    A shell starts background jobs with SIGINT ignored, and a Python process that starts so never
+    raises KeyboardInterrupt: a test that presses Ctrl-C must not depend on how pytest was started.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def isolated(monkeypatch, tmp_path) -> None:
     """No GLIMP_* setting or user models.yaml of the machine leaks in."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import default_sigint
 from glimp_cli.cli import app
 from glimp_cli.config import load_registry
 from glimp_cli.sources import resolve
@@ -232,7 +233,7 @@ def test_ctrl_c_prints_what_was_written_and_exits_130():
     proc = subprocess.Popen(
         [sys.executable, "-m", "glimp_cli", "ask", QUESTION, "--pair", "tiny", "--mode", "large", "--max-tokens", "2000",
          "--max-step-tokens", "2000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint)
     seen = ""
     deadline = time.monotonic() + 120
     while "step 1" not in seen and time.monotonic() < deadline:

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import GSM8K_QUESTIONS
+from conftest import GSM8K_QUESTIONS, default_sigint
 from glimp_cli.cli import app
 from glimp_cli.config import packaged_config
 from glimp_cli.report import load_results, rows_to_json, summarize
@@ -255,7 +255,7 @@ def glimp_process(questions: Path, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "glimp_cli", "batch", str(questions), "-o", str(out), "--mode", "glimp,large",
          *TINY, *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
     )
 
 
