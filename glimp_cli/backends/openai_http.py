@@ -489,17 +489,38 @@ class OpenAIBackend:
             ended = scanner.feed(prefix.encode("utf-8"))
             if ended:
                 return self._written(scanner, n, ended, start, entropies, logprobs)
-        # Ask for as much as an answer step may take; a step that turns out not to be the answer is
-        # closed at its own limit below.
-        budget = stop.limit(answering=True) - n
         if stop.max_new_tokens - n <= 0:
             scanner.close()
             return self._written(scanner, n, "length", start, entropies, logprobs)
         seed = int(rng.integers(0, 2**31 - 1))
-        body = self._body(self.text + prefix, max_tokens=budget, temperature=sampling.temperature,
-                          top_p=sampling.top_p, seed=seed)
-        if scored:
-            body["logprobs"] = self.top_k
+        while True:
+            # Each request asks for the step's own limit (a server refuses prompt + max_tokens past its
+            # context); a step that became the answer goes on in another request, up to the answer's limit.
+            budget = stop.limit(scanner.answering) - n
+            body = self._body(self.text + scanner.buffer, max_tokens=budget, temperature=sampling.temperature,
+                              top_p=sampling.top_p, seed=seed)
+            if scored:
+                body["logprobs"] = self.top_k
+            reason, finish, generated = self._stream_step(body, scanner, scored, entropies, logprobs)
+            n += generated
+            self.evaluated += generated
+            if reason is not None:
+                break
+            if finish is None:
+                raise self.endpoint.fail(self.endpoint.url("/completions"), INTERRUPTED)
+            if finish == "length" and generated < budget:
+                reason = "context_full"  # the server shortened max_tokens to what fits its context
+            elif finish == "length" and scanner.answering and n < stop.limit(True) and generated:
+                continue
+            else:
+                reason = "length" if finish == "length" else "eos"  # no stop strings were sent: "stop" is EOS
+            scanner.close()
+            break
+        return self._written(scanner, n, reason, start, entropies, logprobs)
+
+    def _stream_step(self, body: dict, scanner: StepScanner, scored: bool, entropies: list[float],
+                     logprobs: list[float]) -> tuple[str | None, str | None, int]:
+        """One streamed completion fed to the scanner: (why the step ended or None, finish_reason, tokens)."""
         reason, finish, generated = None, None, 0
         stream = self._stream(body)
         try:
@@ -514,30 +535,16 @@ class OpenAIBackend:
                         entropies.append(_topk_entropy(top, self.top_k))
                         logprobs.append(float(token_lp) if token_lp is not None else float("nan"))
                         generated += 1
-                elif choice.get("finish_reason") is None:
+                elif choice.get("finish_reason") is None or piece:
                     generated += 1  # one event per token (a multi-byte character may take a few)
                 if piece:
                     ended = scanner.feed(piece.encode("utf-8"))
                     if ended:
                         reason = ended
                         break
-                if n + generated >= stop.limit(scanner.answering) and choice.get("finish_reason") is None:
-                    scanner.close()
-                    reason = "length"
-                    break
         finally:
             stream.close()  # closing the connection stops the server's generation
-        n += generated
-        self.evaluated += generated
-        if reason is None and finish is None:
-            raise self.endpoint.fail(self.endpoint.url("/completions"), INTERRUPTED)
-        if reason is None:
-            scanner.close()
-            if finish == "length" and generated < budget:
-                reason = "context_full"  # the server shortened max_tokens to what fits its context
-            else:
-                reason = "length" if finish == "length" else "eos"  # no stop strings were sent: "stop" is EOS
-        return self._written(scanner, n, reason, start, entropies, logprobs)
+        return reason, finish, generated
 
     @staticmethod
     def _written(scanner: StepScanner, n: int, reason: str, start: float,

@@ -161,6 +161,7 @@ def describe_write(change: TauWrite) -> str:
 
 def _replace_atomically(path: Path, yaml, data, pair_name: str, want: dict, calibrated: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    path = path.resolve()  # a symlinked models.yaml (dotfiles) is rewritten where it lives, the link kept
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
