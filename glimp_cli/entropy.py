@@ -14,12 +14,8 @@ from glimp_cli.errors import BackendError, ConfigError
 Estimator = Callable[[np.ndarray], float]
 
 
-def log_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(log-probabilities, probabilities) of softmax(logits) in float64, at temperature 1.
-
-    The one rule for every entropy and score in glimp: a -inf logit is a masked token (probability 0);
-    a NaN or +inf logit, or no finite logit at all, raises BackendError instead of routing on it.
-    """
+def _shifted(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(logits - max, exp of that, its sum) in float64, after the one rule's checks (see log_softmax)."""
     z = np.asarray(logits, dtype=np.float64)
     top = z.max() if z.size else -math.inf  # max propagates NaN: one pass finds NaN, +inf and all -inf
     if not math.isfinite(top):
@@ -30,17 +26,30 @@ def log_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                            "(a damaged GGUF, or an overflow in a GPU/quantised build)")
     z = z - top
     p = np.exp(z)
-    total = p.sum()  # >= 1: the top entry is exp(0)
+    return z, p, float(p.sum())  # the sum is >= 1: the top entry is exp(0)
+
+
+def log_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(log-probabilities, probabilities) of softmax(logits) in float64, at temperature 1.
+
+    The one rule for every entropy and score in glimp: a -inf logit is a masked token (probability 0);
+    a NaN or +inf logit, or no finite logit at all, raises BackendError instead of routing on it.
+    """
+    z, p, total = _shifted(logits)
     return z - math.log(total), p / total
 
 
 def entropy_and_logprob(logits: np.ndarray, token: int | None = None) -> tuple[float, float | None]:
     """Entropy (nats) of softmax(logits) and the log-probability of `token` (None without one)."""
-    logp, p = log_softmax(logits)
-    masked = np.isneginf(logp)
-    # A masked token adds 0 * -inf = nan to the sum; its true contribution is 0.
-    entropy = -float(np.dot(p[~masked], logp[~masked])) if masked.any() else -float(np.dot(p, logp))
-    return (entropy if entropy > 0 else 0.0), (None if token is None else float(logp[token]))
+    # H = log(total) - sum(p z) / total on the shifted logits: no normalised copies (the probe's hot path).
+    z, p, total = _shifted(logits)
+    weighted = float(np.dot(p, z))
+    if math.isnan(weighted):  # only masked tokens can do this (0 * -inf): their true contribution is 0
+        kept = p > 0
+        weighted = float(np.dot(p[kept], z[kept]))
+    log_total = math.log(total)
+    entropy = log_total - weighted / total
+    return (entropy if entropy > 0 else 0.0), (None if token is None else float(z[token]) - log_total)
 
 
 def exact_entropy(logits: np.ndarray) -> float:

@@ -9,6 +9,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from glimp_cli.entropy import entropy_and_logprob
 from glimp_cli.sampling import Sampling, sample_token
 
 TextSink = Callable[[str], None]
@@ -284,6 +285,4 @@ def write_tokens(backend: Backend, first_token: int | None, stop: StepStop, samp
 
 def _score(logits: np.ndarray, token: int) -> tuple[float, float]:
     """Entropy (nats) of softmax(logits) and the log-probability of `token`, at temperature 1."""
-    from glimp_cli.entropy import entropy_and_logprob
-
     return entropy_and_logprob(logits, token)
