@@ -43,7 +43,8 @@ def entropy_and_logprob(logits: np.ndarray, token: int | None = None) -> tuple[f
     """Entropy (nats) of softmax(logits) and the log-probability of `token` (None without one)."""
     # H = log(total) - sum(p z) / total on the shifted logits: no normalised copies (the probe's hot path).
     z, p, total = _shifted(logits)
-    weighted = float(np.dot(p, z))
+    with np.errstate(invalid="ignore"):
+        weighted = float(np.dot(p, z))
     if math.isnan(weighted):  # only masked tokens can do this (0 * -inf): their true contribution is 0
         kept = p > 0
         weighted = float(np.dot(p[kept], z[kept]))
