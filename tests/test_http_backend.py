@@ -351,6 +351,54 @@ def test_the_probe_holds_the_delimiter_back_and_reads_after_the_forced_tokens(fa
     assert topk_entropy_from_logprobs(logprobs) == pytest.approx(-sum(x * math.log(x) for x in p), abs=1e-12)
 
 
+def list_event(token: str, top: list[tuple[str, float]], finish: str | None = None) -> dict:
+    """An event in llama-server's logprobs format: `content`, a list of {token, logprob, top_logprobs: [...]}."""
+    chosen = next((lp for text, lp in top if text == token), -9.0)
+    return event(token, finish, {"content": [{"id": 1, "token": token, "bytes": [], "logprob": chosen,
+                                              "top_logprobs": [{"id": i, "token": text, "bytes": [], "logprob": lp}
+                                                               for i, (text, lp) in enumerate(top)]}]})
+
+
+def test_llama_server_tokenize_and_list_logprobs_hold_the_delimiter_back(fake_server):
+    # llama-server: no /extras/tokenize; /tokenize takes `content`, /detokenize answers `content`.
+    pieces = {198: "\n", 32: "A"}
+    fake_server.on("/extras/tokenize", (404, {"error": {"message": "File Not Found"}}))
+    fake_server.on("/tokenize", lambda body: (200, {"tokens": [198, 198, 32]}) if "content" in body
+                   else (500, {"error": {"message": "missing content"}}))
+    fake_server.on("/detokenize", lambda body: (200, {"content": "".join(pieces[i] for i in body["tokens"])}))
+    # Two candidates with the same text (e.g. two byte-level spellings) stay two entries.
+    top = [("The", -0.5), ("The", -1.5), ("So", -2.0)]
+    fake_server.on("/v1/completions", (200, [list_event("\n", [("\n", 0.0)]), list_event("\n", top),
+                                             event("", "length")]))
+    backend = connect(spec_for(fake_server.url))
+    backend.top_k = 3
+    backend.text = "Q: x\nA:\nstep one\n\n"
+    logprobs = backend.next_logits()
+    body = fake_server.posted("/v1/completions")[-1]
+    assert body["prompt"] == "Q: x\nA:\nstep one\n" and body["logit_bias"] == {"198": 100.0}
+    assert fake_server.posted("/tokenize")[-1] == {"content": "\n\nA", "add_special": False, "parse_special": False}
+    assert logprobs.tolist() == [-0.5, -1.5, -2.0]
+    assert backend.probe_form == RUNNING_FORM
+
+
+def test_a_scored_write_reads_llama_server_list_logprobs(fake_server):
+    top = [("The", -0.1), ("So", -2.5)]
+    fake_server.on("/v1/completions", (200, [list_event("The", top), event("", "length")]),
+                   (200, [list_event(" cat", [(" cat", -0.3), (" dog", -1.4)]),
+                          list_event("\n", [("\n", -0.05), (".", -3.0)]), list_event("\n", [("\n", -0.01)]),
+                          event("", "stop")]))
+    backend = connect(spec_for(fake_server.url))
+    backend.top_k = 2
+    backend.text = "Q: x\nA:\n"
+    first = backend.next_logits()
+    written = backend.write(0, StepStop("\n\n", max_new_tokens=50), Sampling(), np.random.default_rng(0),
+                            first_logits=first)
+    assert written.text == "The cat" and written.reason == "delimiter"
+    assert written.logprobs == pytest.approx((-0.1, -0.3, -0.05, -0.01))
+    two = lambda a, b: topk_entropy_from_logprobs(np.array([a, b]))  # noqa: E731
+    assert written.entropies[:3] == pytest.approx((two(-0.1, -2.5), two(-0.3, -1.4), two(-0.05, -3.0)))
+
+
 def test_a_server_that_ignores_logit_bias_falls_back_to_the_text_end_form(fake_server):
     held_back_server(fake_server, honour_bias=False)
     backend = connect(spec_for(fake_server.url))

@@ -10,15 +10,16 @@ keeps `text` equal to prompt + steps + delimiters, `next_logits` probes the next
 and `write` continues it. What that costs compared with the in-process backend:
 
 - H_init is estimated from the server's top-K log-probabilities (renormalised, `estimator: topk:K`),
-  never computed over the full vocabulary. The top-logprob dict is keyed by token text, so tokens
-  with equal text collapse into one entry.
+  never computed over the full vocabulary. In the legacy logprobs format (llama-cpp-python's server,
+  vLLM) the top-K is keyed by token text, so tokens with equal text collapse into one entry;
+  llama-server's list format keeps them apart.
 - A text that ENDS in the delimiter is tokenized by the server in its merged end-of-text form
   (SmolLM2: "\\n\\n" -> one token 1116), not the form the model writes in running text (198, 198),
   and H_init after the two forms differs by ~0.6 nats on SmolLM2 (measured in the README). When the
-  server can tokenize for us (llama.cpp server's /extras/tokenize, vLLM's /tokenize), the probe
-  holds the delimiter's last tokens back: it sends the context without them and forces them as the
-  first generated tokens with `logit_bias`, then reads the top-K at the position after them, which
-  is exactly the running-form context. The server reports log-probabilities from the raw logits,
+  server can tokenize for us (llama-cpp-python's /extras/tokenize, llama-server's or vLLM's
+  /tokenize), the probe holds the delimiter's last tokens back: it sends the context without them
+  and forces them as the first generated tokens with `logit_bias`, then reads the top-K at the
+  position after them, which is exactly the running-form context. The server reports log-probabilities from the raw logits,
   so the bias does not touch them. Otherwise the probe falls back to the text-end form, and
   `probe_form` says so (the trace records it).
 - The server's prefix cache, not a KV rewind, avoids re-prefilling the context; how many tokens the
@@ -374,28 +375,26 @@ class OpenAIBackend:
                 self.probe_form = TEXT_END_FORM
         if top is None:
             top = self._probe(self.text, ())
-        if any(math.isnan(v) for v in top.values()):
+        if any(math.isnan(lp) for _, lp in top):
             raise self.endpoint.fail(self.endpoint.url("/completions"),
                                      "the probe returned NaN log-probabilities (the served model's output is broken)")
-        ranked = sorted(top.items(), key=lambda kv: -kv[1])[: self.top_k]
+        ranked = sorted(top, key=lambda entry: -entry[1])[: self.top_k]
         self._candidates = [Candidate(text, float(lp)) for text, lp in ranked]
         if not self._candidates:
             raise self.endpoint.fail(self.endpoint.url("/completions"), "the probe returned no log-probabilities")
         return np.array([c.logprob for c in self._candidates], dtype=np.float64)
 
-    def _probe(self, prompt: str, forced: tuple[tuple[int, str], ...]) -> dict[str, float] | None:
+    def _probe(self, prompt: str, forced: tuple[tuple[int, str], ...]) -> list[tuple[str, float]] | None:
         """The top log-probabilities after `prompt` + the `forced` tokens; None if the server did not force them."""
         body = self._body(prompt, max_tokens=len(forced) + 1, temperature=0.0)
         body["logprobs"] = self.top_k
         if forced:
             body["logit_bias"] = {str(token): FORCE_BIAS for token, _ in forced}
-        positions = []
+        positions: list[Position] = []
         finish = None
         for event in self._stream(body):
-            logprobs = _choice(event).get("logprobs")
             finish = _choice(event).get("finish_reason") or finish
-            if logprobs and logprobs.get("top_logprobs"):
-                positions.extend(zip(logprobs.get("tokens") or [], logprobs["top_logprobs"]))
+            positions += _positions(_choice(event).get("logprobs"))
         if finish is None:
             raise self.endpoint.fail(self.endpoint.url("/completions"), INTERRUPTED)
         if len(positions) < len(forced) + 1:
@@ -405,11 +404,10 @@ class OpenAIBackend:
                     "the server returned no log-probabilities (llama.cpp server: start it with --logits_all true; "
                     f"vLLM: --max-logprobs >= {self.top_k})")
             return None
-        if any(text != want for (text, _), (_, want) in zip(positions, forced)):
+        if any(p.text != want for p, (_, want) in zip(positions, forced)):
             return None  # the server ignored logit_bias: fall back to the text-end form
-        top = positions[len(forced)][1]
-        # A null or -inf entry is a masked token (dropped); NaN is kept so that the entropy refuses it.
-        return {str(k): float(v) for k, v in top.items() if v is not None and float(v) != -math.inf}
+        # A masked token (null, -inf) is dropped; NaN is kept so that the entropy refuses it.
+        return [(text, lp) for text, lp in positions[len(forced)].top if lp != -math.inf]
 
     def _delimiter_tail(self) -> tuple[tuple[int, str], ...] | None:
         """The running-form delimiter's tokens after its first one, from the server's tokenizer (asked once)."""
@@ -424,7 +422,8 @@ class OpenAIBackend:
     def _tokenize_delimiter(self) -> list[tuple[int, str]] | None:
         """(id, text) of the tokens the delimiter is in running text, or None if the server cannot say.
 
-        Tries llama.cpp server's /extras/tokenize, then vLLM/SGLang's /tokenize, next to the /v1 root.
+        Tries llama-cpp-python's /extras/tokenize, then llama-server's and vLLM/SGLang's /tokenize (they
+        differ in their fields), next to the /v1 root.
         """
         base = self.endpoint.base_url
         if not base.endswith("/v1"):
@@ -435,6 +434,9 @@ class OpenAIBackend:
         for tokenize, detokenize in (
             (lambda text: root.post_json("/extras/tokenize", {"input": text, "model": self.model})["tokens"],
              lambda ids: root.post_json("/extras/detokenize", {"tokens": ids, "model": self.model})["text"]),
+            (lambda text: root.post_json("/tokenize", {"content": text, "add_special": False,
+                                                       "parse_special": False})["tokens"],
+             lambda ids: root.post_json("/detokenize", {"tokens": ids})["content"]),
             (lambda text: root.post_json("/tokenize", {"model": self.model, "prompt": text,
                                                        "add_special_tokens": False})["tokens"],
              lambda ids: root.post_json("/detokenize", {"model": self.model, "tokens": ids})["prompt"]),
@@ -528,12 +530,11 @@ class OpenAIBackend:
                 choice = _choice(event)
                 finish = choice.get("finish_reason") or finish
                 piece = choice.get("text") or ""
-                lp = choice.get("logprobs") if scored else None
-                if lp and lp.get("top_logprobs"):
-                    for token_text, token_lp, top in zip(lp.get("tokens") or [], lp.get("token_logprobs") or [],
-                                                         lp["top_logprobs"]):
-                        entropies.append(_topk_entropy(top, self.top_k))
-                        logprobs.append(float(token_lp) if token_lp is not None else float("nan"))
+                positions = _positions(choice.get("logprobs")) if scored else []
+                if positions:
+                    for position in positions:
+                        entropies.append(_topk_entropy(position.top, self.top_k))
+                        logprobs.append(position.logprob)
                         generated += 1
                 elif choice.get("finish_reason") is None or piece:
                     generated += 1  # one event per token (a multi-byte character may take a few)
@@ -598,10 +599,55 @@ def _choice(event: dict) -> dict:
     return {}
 
 
-def _topk_entropy(top: dict | None, k: int) -> float:
-    """Renormalised entropy (nats) of the K best entries of one position's top-logprob dict."""
-    # A null entry is a token the server gave no number for: masked, like a -inf logit.
-    values = np.array([-math.inf if v is None else float(v) for v in (top or {}).values()], dtype=np.float64)
+@dataclass(frozen=True)
+class Position:
+    """One generated token's log-probabilities as a server reported them."""
+
+    text: str
+    logprob: float  # the generated token's (NaN when the server gave none)
+    top: list[tuple[str, float]]  # (token text, logprob) of the top-K; a masked token is -inf
+
+
+def _logprob(value) -> float:
+    """A server's log-probability; null is a token it gave no number for (masked, like a -inf logit)."""
+    return -math.inf if value is None else float(value)
+
+
+def _chosen(value) -> float:
+    """The generated token's own log-probability; NaN when the server gave none."""
+    return math.nan if value is None else float(value)
+
+
+def _positions(logprobs: object) -> list[Position]:
+    """The positions of one event's `logprobs`, in either format servers use for completions.
+
+    The legacy OpenAI one (llama-cpp-python's server, vLLM): parallel `tokens` / `token_logprobs` /
+    `top_logprobs` (a dict keyed by token text, so tokens with equal text collapse into one entry).
+    The chat-style one (llama.cpp's `llama-server`): `content`, a list of {token, logprob, top_logprobs:
+    [{token, logprob}]}, which keeps tokens with equal text apart.
+    """
+    if not isinstance(logprobs, dict):
+        return []
+    content = logprobs.get("content")
+    if isinstance(content, list):
+        return [Position(str(c.get("token", "")), _chosen(c.get("logprob")),
+                         [(str(t.get("token", "")), _logprob(t.get("logprob"))) for t in c.get("top_logprobs") or []
+                          if isinstance(t, dict)])
+                for c in content if isinstance(c, dict)]
+    tops = logprobs.get("top_logprobs")
+    if not tops:
+        return []
+    texts = logprobs.get("tokens") or []
+    chosen = logprobs.get("token_logprobs") or []
+    return [Position(str(texts[i]) if i < len(texts) else "",
+                     _chosen(chosen[i] if i < len(chosen) else None),
+                     [(str(k), _logprob(v)) for k, v in (top or {}).items()])
+            for i, top in enumerate(tops)]
+
+
+def _topk_entropy(top: list[tuple[str, float]], k: int) -> float:
+    """Renormalised entropy (nats) of the K best entries of one position's top log-probabilities."""
+    values = np.array([lp for _, lp in top], dtype=np.float64)
     return topk_entropy_from_logprobs(np.sort(values)[::-1][:k])
 
 
