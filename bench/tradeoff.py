@@ -9,8 +9,11 @@ adaptive at 35%, on held-out GSM8K test questions, greedy. Every run is a `glimp
 slows all runs alike; a rerun resumes where the last stopped (Ctrl-C or a kill loses only the trace in
 flight), and `--report` prints the tables from whatever has finished, loading no model.
 
-The rates `glimp profile` measures are re-measured every --profile-every questions, and each record's
-latency is set against the bound for its own work at the rates measured last before it.
+The rates `glimp profile` measures are re-measured every --profile-every questions. Each run's latency
+relative to large alone (measured, ratio of sums over the same questions) is set against the bound for
+its work relative to large alone's (each record's decode, prefill and probes at the rates measured last
+before it): the machine's speed, which changes within minutes on a shared machine, cancels out of both
+ratios, and what is left is glimp's own overhead.
 A smoke run on the fast pair: `--pair tiny --questions 3 --calibration-questions 6 --max-tokens 96`.
 """
 
@@ -353,7 +356,8 @@ class TradeoffRow:
     run: BenchRun
     stats: ModeRow
     gap: float | None  # (acc - small) / (large - small)
-    vs_bound: float | None  # measured latency / the profile bound for its work (ratio of sums)
+    bound: float | None  # the profile bound for its work / that for large alone's, same questions
+    vs_bound: float | None  # (latency / large alone's) / bound
 
 
 @dataclass(frozen=True)
@@ -382,18 +386,27 @@ def tradeoff_rows(runs: list[BenchRun], records: dict[str, list[dict]],
     stats = {r.label: run_row(records[r.label], large) for r in runs if records[r.label]}
     small_acc = next((stats[r.label].accuracy for r in runs if r.family == "small" and r.label in stats), None)
     large_acc = next((stats[r.label].accuracy for r in runs if r.family == "large" and r.label in stats), None)
+    large_run = next((r for r in runs if r.family == "large" and r.label in stats), None)
+    large_ideal = _ideal_seconds(large_run, records, rates_for) if large_run else None
     rows = []
     for run in runs:
         if run.label not in stats:
             continue
         s = stats[run.label]
-        bound = None
-        rates = [rates_for(run.label, r["id"]) for r in records[run.label]]
-        if all(rate is not None for rate in rates):
-            ideal = sum(bound_seconds(r, rate) for r, rate in zip(records[run.label], rates))
-            bound = sum(r["wall_seconds"] for r in records[run.label]) / ideal if ideal > 0 else None
-        rows.append(TradeoffRow(run, s, recovered_gap(s.accuracy, small_acc, large_acc), bound))
+        ideal = _ideal_seconds(run, records, rates_for)
+        bound = ideal / large_ideal if ideal is not None and large_ideal else None
+        vs_bound = s.latency_vs_large / bound if bound and s.latency_vs_large is not None else None
+        rows.append(TradeoffRow(run, s, recovered_gap(s.accuracy, small_acc, large_acc), bound, vs_bound))
     return rows
+
+
+def _ideal_seconds(run: BenchRun, records: dict[str, list[dict]],
+                   rates_for: Callable[[str, str], Rates | None]) -> float | None:
+    """The seconds a run's records' work takes at the rates each was timed under; None if any has none."""
+    rates = [rates_for(run.label, r["id"]) for r in records[run.label]]
+    if not rates or any(rate is None for rate in rates):
+        return None
+    return sum(bound_seconds(r, rate) for r, rate in zip(records[run.label], rates))
 
 
 def comparisons(rows: list[TradeoffRow], records: dict[str, list[dict]]) -> list[Comparison]:
@@ -431,7 +444,7 @@ def _threshold(run: BenchRun) -> str:
 
 
 ROW_COLUMNS = ("run", "threshold", "picked for", "accuracy (95% CI)", "large share steps / tokens", "vs large",
-               "recovered gap", "measured / bound")
+               "recovered gap", "bound vs large", "measured / bound")
 PAIR_COLUMNS = ("run A", "run B", "large tokens A / B", "A right only", "B right only", "both same", "McNemar p")
 
 
@@ -443,7 +456,7 @@ def row_cells(row: TradeoffRow) -> list[str]:
         picked = "glimp's reached"
     return [row.run.label, _threshold(row.run), picked, accuracy,
             f"{_pct(s.large_share_steps)} / {_pct(s.large_share_tokens)}", _num(s.latency_vs_large, suffix="×"),
-            _num(row.gap), _num(row.vs_bound)]
+            _num(row.gap), _num(row.bound, suffix="×"), _num(row.vs_bound)]
 
 
 def pair_cells(c: Comparison) -> list[str]:
@@ -455,8 +468,9 @@ def pair_cells(c: Comparison) -> list[str]:
 def render_tables(rows: list[TradeoffRow], pairs: list[Comparison], n: int) -> list[Table]:
     main = Table(title=f"accuracy for large-model tokens, {n} questions finished by every run", title_justify="left",
                  show_edge=False, caption="vs large: latency / large alone's, ratio of sums · recovered gap: "
-                 "(acc - small) / (large - small) · measured / bound: latency / the glimp profile bound for the "
-                 "run's own decode, prefill and probe work", caption_justify="left")
+                 "(acc - small) / (large - small) · bound vs large: the glimp profile bound for the run's own "
+                 "decode, prefill and probe work / that for large alone's · measured / bound: vs large / bound",
+                 caption_justify="left")
     for name in ROW_COLUMNS:
         main.add_column(name, justify="left" if name == "run" else "right")
     for row in rows:

@@ -178,8 +178,17 @@ def test_tradeoff_rows_and_paired_comparisons(tmp_path):
     assert row["glimp"].gap == pytest.approx((0.75 - 0.25) / (0.75 - 0.25))
     assert row["random"].gap == pytest.approx((0.25 - 0.25) / 0.5)
     assert row["glimp"].stats.latency_vs_large == pytest.approx(1.5)
-    ideal = 40 / 50 + 20 / 25 + 10 / 200 + 10 / 100
-    assert row["glimp"].vs_bound == pytest.approx(3.0 / ideal)
+    # Every run did the same work here, so its bound relative to large alone is 1 and measured / bound
+    # is its measured latency relative to large alone's.
+    assert row["glimp"].bound == pytest.approx(1.0) and row["glimp"].vs_bound == pytest.approx(1.5)
+    assert row["large"].vs_bound == pytest.approx(1.0)
+    # Work that differs: twice large alone's tokens decoded at the same rates is twice its bound.
+    records[by["glimp"].label] = [dict(r, tokens={SMALL: 80, LARGE: 40}, evaluated_tokens={SMALL: 90, LARGE: 50})
+                                  for r in records[by["glimp"].label]]
+    doubled = {r.run.family: r for r in tradeoff.tradeoff_rows(runs, records, lambda label, qid: RATES)}["glimp"]
+    one = 40 / 50 + 20 / 25 + 10 / 200 + 10 / 100
+    assert doubled.bound == pytest.approx((80 / 50 + 40 / 25 + 10 / 200 + 10 / 100) / one)
+    assert doubled.vs_bound == pytest.approx(1.5 / doubled.bound)
     assert tradeoff.tradeoff_rows(runs, records, lambda label, qid: None)[0].vs_bound is None
 
     pairs = {(c.a.run.family, c.b.run.family): c.paired for c in tradeoff.comparisons(rows, records)}

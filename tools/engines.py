@@ -12,13 +12,17 @@ cache keyed by that version and the build flags: a second run finds them and bui
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import urllib.request
 from importlib import metadata
 from pathlib import Path
 
@@ -45,6 +49,7 @@ CMAKE_FLAGS = (
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_OPENSSL=OFF",
 )
+READY_SECONDS = 120  # a server loading its model on a shared 2-core machine
 ENV_DIR = "GLIMP_ENGINES_DIR"  # a directory that already holds both binaries (skips the build)
 
 
@@ -157,6 +162,95 @@ def build(jobs: int | None = None, log=print) -> dict[str, Path]:
 def ensure(jobs: int | None = None, log=print) -> dict[str, Path]:
     """The binaries, built first if they are not cached."""
     return find() or build(jobs, log)
+
+
+# --- running them -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """One engine process on 127.0.0.1: started, waited for until it answers, stopped; output to `log`."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, log: Path, ready):
+        self.name, self.cmd, self.port, self.log, self._ready = name, cmd, port, log, ready
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = READY_SECONDS) -> "Process":
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log.read_text(errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {' | '.join(tail)}")
+            if self._ready(self.port):
+                return self
+            time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"{self.name} not ready within {timeout:g} s; log: {self.log}")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed machine would go (tests); `stop` is the polite form."""
+        if self.running:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.running:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+def _healthy(port: int) -> bool:
+    """llama-server's /health answers 200 once the model is loaded (503 while loading)."""
+    with contextlib.suppress(OSError):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1.0) as response:
+            return response.status == 200
+    return False
+
+
+def llama_server(bins: dict[str, Path], gguf: Path, alias: str, log: Path, *, parallel: int = 1,
+                 slot_ctx: int = 2048, threads: int = 1, rpc: tuple[str, ...] = (), port: int | None = None,
+                 extra: tuple[str, ...] = ()) -> Process:
+    """`llama-server` for one model: `parallel` slots of `slot_ctx` tokens each, on 127.0.0.1.
+
+    With `rpc` (host:port of rpc-server workers) every layer goes to the workers, split evenly.
+    Flash attention off and the full-size sliding-window cache, as glimp's in-process backend runs
+    llama.cpp: the same numerics, so a greedy remote pair writes the in-process steps.
+    """
+    port = port or free_port()
+    cmd = [str(bins["llama-server"]), "-m", str(gguf), "--alias", alias, "--host", "127.0.0.1",
+           "--port", str(port), "-t", str(threads), "-tb", str(threads), "--parallel", str(parallel),
+           "-c", str(slot_ctx * parallel), "--flash-attn", "off", "--swa-full", "--no-webui", "--no-warmup",
+           *extra]
+    if rpc:
+        cmd += ["--rpc", ",".join(rpc), "-ngl", "999", "--tensor-split", ",".join("1" for _ in rpc)]
+    return Process(f"llama-server {alias} :{port}", cmd, port, log, _healthy)
+
+
+def rpc_server(bins: dict[str, Path], log: Path, *, threads: int = 1, port: int | None = None) -> Process:
+    """One `rpc-server` worker (its CPU backend) on 127.0.0.1."""
+    port = port or free_port()
+    cmd = [str(bins["rpc-server"]), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads)]
+    return Process(f"rpc-server :{port}", cmd, port, log, _listening)
 
 
 def main(argv: list[str] | None = None) -> int:
