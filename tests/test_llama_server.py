@@ -262,9 +262,8 @@ def test_a_large_model_split_over_two_rpc_workers_survives_a_killed_worker_with_
     large = engines.llama_server(bins, ggufs["gemma3-270m"], "gemma", tmp_path / "large.log", rpc=endpoints)
     try:
         large.start()
-        log = large.log.read_text(errors="replace")
-        for endpoint in endpoints:  # the layers really went to both workers
-            assert f"RPC0[{endpoints[0]}]" in log or endpoint in log, log[-3000:]
+        for worker in workers:  # llama-server connected to both (that the killed one held layers shows below)
+            assert "Accepted client connection" in worker.log.read_text(errors="replace"), worker.name
         config = write_config(tmp_path / "models.yaml", url(llama_servers["small"]), url(large), smollm2_chat_steps)
         questions = write_questions(tmp_path / "q.jsonl", 5)
         out = tmp_path / "r.jsonl"
