@@ -5,8 +5,9 @@ Builds (once, cached) or finds llama-server and rpc-server (tools/engines.py), t
 questions, greedy, glimp mode at one tau, prints one table: questions per minute and generated tokens
 per second in process (concurrency 1), through two llama-servers (one per model) at every --parallel x
 --concurrency, and with the large model behind `llama-server --rpc` over two rpc-server workers on
-127.0.0.1 (glimp mode and large alone), each against the same run without RPC. Ratios are within
-this one run; the machine is shared, so read them, not the absolute rates.
+127.0.0.1 (glimp mode and large alone), each against the same run without RPC just before it. Every
+served run starts fresh processes, so no run finds its questions in a prefix cache an earlier one
+filled. Ratios are within this one run; the machine is shared, so read them, not the absolute rates.
 """
 
 from __future__ import annotations
@@ -109,54 +110,41 @@ def main() -> None:
     for backend in local.values():
         backend.close()
 
-    def start_pair(parallel: int, rpc: tuple[str, ...] = ()) -> dict:
-        servers = {}
-        for role in (SMALL, LARGE):
-            servers[role] = engines.llama_server(bins, ggufs[role], role, logs / f"{role}-{parallel}-{len(rpc)}.log",
-                                                 parallel=parallel, threads=args.threads,
-                                                 rpc=rpc if role == LARGE else ()).start()
-        return servers
+    def served_run(parallel: int, concurrency: int, mode: str, workers: int = 0) -> tuple[float, float]:
+        """One batch against fresh servers (and `workers` fresh RPC workers for the large model), so
+        that no run finds the questions in a prefix cache an earlier run filled."""
+        procs = [engines.rpc_server(bins, logs / f"rpc{i}.log", threads=args.threads).start()
+                 for i in range(workers)]
+        endpoints = tuple(f"127.0.0.1:{w.port}" for w in procs)
+        try:
+            servers = {}
+            for role in (SMALL, LARGE):
+                rpc = endpoints if role == LARGE else ()
+                servers[role] = engines.llama_server(bins, ggufs[role], role, logs / f"{role}.log",
+                                                     parallel=parallel, threads=args.threads, rpc=rpc)
+                procs.append(servers[role].start())
+            rspecs = {role: served_spec(specs[role], servers[role], role, templates[role]) for role in (SMALL, LARGE)}
+            policy = threshold(args.tau) if mode == "glimp" else always_large()
+            return batch_rate(lambda: router({role: connect(rspecs[role]) for role in (SMALL, LARGE)}, rspecs,
+                                             policy, pair), questions, mode, concurrency)
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
 
-    def remote(servers: dict) -> tuple[callable, dict]:
-        rspecs = {role: served_spec(specs[role], servers[role], role, templates[role]) for role in (SMALL, LARGE)}
-        return (lambda policy: router({role: connect(rspecs[role]) for role in (SMALL, LARGE)}, rspecs, policy,
-                                      pair)), rspecs
-
-    direct = {}
     for parallel in parallels:
-        servers = start_pair(parallel)
-        try:
-            make, _ = remote(servers)
-            for concurrency in concurrencies:
-                progress(f"llama-server --parallel {parallel}, glimp --concurrency {concurrency}")
-                qpm, tps = batch_rate(lambda: make(threshold(args.tau)), questions, "glimp", concurrency)
-                rows.append(("llama-server", str(parallel), str(concurrency), f"{qpm:.1f}", f"{tps:.1f}",
-                             f"{qpm / base_qpm:.2f}", "-"))
-            if parallel == 1:
-                for mode, policy in (("glimp", threshold(args.tau)), ("large", always_large())):
-                    direct[mode] = batch_rate(lambda: make(policy), questions, mode, 1)
-        finally:
-            for server in servers.values():
-                server.stop()
-
-    if not args.no_rpc and 1 in parallels:
-        workers = [engines.rpc_server(bins, logs / f"rpc{i}.log", threads=args.threads).start() for i in range(2)]
-        try:
-            servers = start_pair(1, tuple(f"127.0.0.1:{w.port}" for w in workers))
-            try:
-                make, _ = remote(servers)
-                for mode, policy in (("glimp", threshold(args.tau)), ("large", always_large())):
-                    progress(f"large model over 2 RPC workers, {mode} mode")
-                    qpm, tps = batch_rate(lambda: make(policy), questions, mode, 1)
-                    label = "large over 2 RPC workers" + (" (large alone)" if mode == "large" else "")
-                    rows.append((label, "1", "1", f"{qpm:.1f}", f"{tps:.1f}", f"{qpm / base_qpm:.2f}",
-                                 f"{qpm / direct[mode][0]:.2f}"))
-            finally:
-                for server in servers.values():
-                    server.stop()
-        finally:
-            for worker in workers:
-                worker.stop()
+        for concurrency in concurrencies:
+            progress(f"llama-server --parallel {parallel}, glimp --concurrency {concurrency}")
+            qpm, tps = served_run(parallel, concurrency, "glimp")
+            rows.append(("llama-server", str(parallel), str(concurrency), f"{qpm:.1f}", f"{tps:.1f}",
+                         f"{qpm / base_qpm:.2f}", "-"))
+    if not args.no_rpc:
+        for mode in ("glimp", "large"):
+            progress(f"{mode} mode: the large model direct, then over 2 RPC workers")
+            direct_qpm, _ = served_run(1, 1, mode)
+            qpm, tps = served_run(1, 1, mode, workers=2)
+            label = "large over 2 RPC workers" + (" (large alone)" if mode == "large" else "")
+            rows.append((label, "1", "1", f"{qpm:.1f}", f"{tps:.1f}", f"{qpm / base_qpm:.2f}",
+                         f"{qpm / direct_qpm:.2f}"))
 
     table = Table(title=f"glimp on llama-server (pair {args.pair}, glimp mode tau {args.tau:g} on top-{K}, greedy)",
                   caption=f"{len(questions)} GSM8K questions ({args.data.name}), max {args.max_tokens} tokens, "
