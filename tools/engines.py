@@ -260,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         paths = find() if args.check else ensure(args.jobs, lambda line: print(line, file=sys.stderr))
-    except (BuildImpossible, RuntimeError) as exc:
+    except BuildImpossible as exc:
+        # Not this machine's fault to fix here: the tests that need the engines skip, saying why.
+        print(f"warning: {exc}; the llama-server tests will be skipped", file=sys.stderr)
+        return 0
+    except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if paths is None:
