@@ -132,7 +132,7 @@ def h_init_rows(local_small, remote_small, spec, remote_template: str, pair, que
             logits = np.array(local_small.next_logits(), dtype=np.float64)
             remote_small.text = remote_template.replace("{question}", q.question) + "".join(t + "\n\n" for t in steps[:k])
             running = topk_entropy_from_logprobs(remote_small.next_logits())
-            text_end = topk_entropy_from_logprobs(np.array(list(remote_small._probe(remote_small.text, ()).values())))
+            text_end = topk_entropy_from_logprobs(np.array([lp for _, lp in remote_small._probe(remote_small.text, ())]))
             rows.append((exact_entropy(logits), topk_entropy(logits, K), running, text_end))
     return np.array(rows)
 

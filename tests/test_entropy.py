@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from glimp_cli.backends.base import StepStop, _score, write_tokens
-from glimp_cli.backends.openai_http import _topk_entropy, _topk_score
+from glimp_cli.backends.openai_http import _positions, _topk_entropy, _topk_score
 from glimp_cli.entropy import (
     entropy_and_logprob, exact_entropy, log_softmax, parse_estimator, topk_entropy, topk_entropy_from_logprobs,
 )
@@ -84,14 +84,22 @@ def test_topk_renormalises_the_k_largest():
     assert topk_entropy(np.array([0.0, 0.0, NINF, NINF]), 3) == pytest.approx(math.log(2), abs=1e-12)
 
 
-def test_the_server_top_logprobs_dict_follows_the_same_rule():
-    top = {" cat": math.log(0.6), " dog": math.log(0.3), "x": None, "y": NINF}
-    assert _topk_entropy(top, 20) == pytest.approx(shannon([2 / 3, 1 / 3]), abs=1e-12)
-    assert _topk_entropy({"a": -1.0, "b": -1.0, "c": -9.0}, 2) == pytest.approx(math.log(2), abs=1e-12)
+def test_the_server_top_logprobs_follow_the_same_rule_in_both_formats():
+    cat, dog = math.log(0.6), math.log(0.3)
+    legacy = {"tokens": [" cat"], "token_logprobs": [cat],
+              "top_logprobs": [{" cat": cat, " dog": dog, "x": None, "y": NINF}]}
+    listed = {"content": [{"token": " cat", "logprob": cat, "top_logprobs": [
+        {"token": " cat", "logprob": cat}, {"token": " dog", "logprob": dog}, {"token": "x", "logprob": None},
+        {"token": "y", "logprob": NINF}]}]}
+    for logprobs in (legacy, listed):  # llama-cpp-python's server and vLLM; llama-server
+        (position,) = _positions(logprobs)
+        assert position.text == " cat" and position.logprob == cat
+        assert _topk_entropy(position.top, 20) == pytest.approx(shannon([2 / 3, 1 / 3]), abs=1e-12)
+    assert _topk_entropy([("a", -1.0), ("b", -1.0), ("c", -9.0)], 2) == pytest.approx(math.log(2), abs=1e-12)
     with pytest.raises(BackendError):
-        _topk_entropy({"a": -0.1, "b": NAN}, 20)
+        _topk_entropy([("a", -0.1), ("b", NAN)], 20)
     with pytest.raises(BackendError):
-        _topk_entropy({}, 20)
+        _topk_entropy([], 20)
 
 
 def test_draft_score_with_minus_inf_logits():

@@ -932,7 +932,7 @@ def test_remote_top_k_h_init_against_in_process_exact_and_top_k(servers, smollm2
                 logits = np.array(local.next_logits(), dtype=np.float64)
                 remote.text = smollm2_chat_steps.replace("{question}", question) + "".join(t + "\n\n" for t in steps[:k])
                 running = topk_entropy_from_logprobs(remote.next_logits())
-                text_end = topk_entropy_from_logprobs(np.array(list(remote._probe(remote.text, ()).values())))
+                text_end = topk_entropy_from_logprobs(np.array([lp for _, lp in remote._probe(remote.text, ())]))
                 rows.append((exact_entropy(logits), topk_entropy(logits, K), running, text_end))
     finally:
         local.close()

@@ -227,7 +227,7 @@ def test_llama_server_writes_the_in_process_steps_under_greedy(llama_servers, sm
     # side (measured in process alone: token by token vs one batch moves a top log-probability by 0.05),
     # which can break a near tie and then compound; a wrong context would not be a near runner-up.
     assert all(gap <= TIE for _, _, gap, _, _ in differ), differ
-    assert len(differ) <= compared // 4, differ
+    assert len(differ) <= compared // 2, differ
 
 
 def test_glimp_models_shows_a_llama_server_reachable(server_config, clean_env):
