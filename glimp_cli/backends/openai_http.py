@@ -20,8 +20,8 @@ and `write` continues it. What that costs compared with the in-process backend:
   /tokenize), the probe holds the delimiter's last tokens back: it sends the context without them
   and forces them as the first generated tokens with `logit_bias`, then reads the top-K at the
   position after them, which is exactly the running-form context. The server reports
-  log-probabilities from the raw logits, so the bias does not touch them. Otherwise the probe falls back to the text-end form, and
-  `probe_form` says so (the trace records it).
+  log-probabilities from the raw logits, so the bias does not touch them. Otherwise the probe falls
+  back to the text-end form, and `probe_form` says so (the trace records it).
 - The server's prefix cache, not a KV rewind, avoids re-prefilling the context; how many tokens the
   server really evaluated is not visible to glimp, so remote models report no evaluated counts.
 """
