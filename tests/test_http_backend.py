@@ -906,22 +906,19 @@ def test_mixed_pair_small_in_process_large_remote(real_config, clean_env):
     assert any(s["model"] == "large" for s in trace["steps"])  # the answer is always the large model's
 
 
-@pytest.mark.real
-def test_remote_top_k_h_init_against_in_process_exact_and_top_k(servers, smollm2_chat_steps, capsys):
-    """The same contexts probed in process (exact and top-20 from full logits, canonical tokens) and by
-    the server (top-20 log-probabilities), with the delimiter held back (running form) and not (text-end)."""
+def smollm2_boundaries(url: str, template: str):
+    """(in-process next logits, the remote backend with `text` set to the same context) at each step
+    boundary of SmolLM2's own greedy traces of GSM8K_QUESTIONS: the contexts both probes are compared on."""
     from glimp_cli.backends import load_backend
     from glimp_cli.config import load_registry
-    from glimp_cli.entropy import exact_entropy
 
     spec = replace(load_registry().model("smollm2-135m"), threads=1)
     local = load_backend(spec)
-    remote = connect(ModelSpec(name="smollm2-remote", backend="openai", base_url=servers["small"].url,
-                               model="smollm2", prompt=replace(PLAIN, template=smollm2_chat_steps)))
+    remote = connect(ModelSpec(name="smollm2-remote", backend="openai", base_url=url, model="smollm2",
+                               prompt=replace(PLAIN, template=template)))
     remote.top_k = K
     slot = ModelSlot("small", local, spec.prompt)
     settings = RouteSettings(estimator=parse_estimator(f"topk:{K}"), max_tokens=200, max_step_tokens=64)
-    rows = []
     try:
         for question in GSM8K_QUESTIONS:
             steps = [s.text for s in Router(slot, ModelSlot("large", None, PLAIN), always_small(), settings).run(question)]
@@ -930,12 +927,24 @@ def test_remote_top_k_h_init_against_in_process_exact_and_top_k(servers, smollm2
                 side.start(question)
                 side.sync(steps[:k])
                 logits = np.array(local.next_logits(), dtype=np.float64)
-                remote.text = smollm2_chat_steps.replace("{question}", question) + "".join(t + "\n\n" for t in steps[:k])
-                running = topk_entropy_from_logprobs(remote.next_logits())
-                text_end = topk_entropy_from_logprobs(np.array([lp for _, lp in remote._probe(remote.text, ())]))
-                rows.append((exact_entropy(logits), topk_entropy(logits, K), running, text_end))
+                remote.text = template.replace("{question}", question) + "".join(t + "\n\n" for t in steps[:k])
+                yield logits, remote
     finally:
         local.close()
+        remote.close()
+
+
+@pytest.mark.real
+def test_remote_top_k_h_init_against_in_process_exact_and_top_k(servers, smollm2_chat_steps, capsys):
+    """The same contexts probed in process (exact and top-20 from full logits, canonical tokens) and by
+    the server (top-20 log-probabilities), with the delimiter held back (running form) and not (text-end)."""
+    from glimp_cli.entropy import exact_entropy
+
+    rows = []
+    for logits, remote in smollm2_boundaries(servers["small"].url, smollm2_chat_steps):
+        running = topk_entropy_from_logprobs(remote.next_logits())
+        text_end = topk_entropy_from_logprobs(np.array([lp for _, lp in remote._probe(remote.text, ())]))
+        rows.append((exact_entropy(logits), topk_entropy(logits, K), running, text_end))
     assert remote.probe_form == RUNNING_FORM
     a = np.array(rows)
     running_gap, text_end_gap = np.abs(a[:, 2] - a[:, 1]), np.abs(a[:, 3] - a[:, 1])

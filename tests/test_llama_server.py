@@ -27,7 +27,8 @@ from glimp_cli.entropy import parse_estimator, topk_entropy, topk_entropy_from_l
 from glimp_cli.policies import always_large, always_small
 from glimp_cli.router import ModelSlot, RouteSettings, Router
 from test_http_backend import (K, PLAIN, QUESTIONS, RUN_SECONDS, clean_env, ggufs, results,  # noqa: F401
-                               runner, smollm2_chat_steps, write_config, write_questions)
+                               runner, smollm2_boundaries, smollm2_chat_steps, write_config,
+                               write_questions)
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("glimp_engines", REPO / "tools" / "engines.py")
@@ -90,30 +91,9 @@ def test_the_engines_build_is_cached(bins):
 def test_h_init_from_llama_server_matches_the_in_process_top_k(llama_servers, smollm2_chat_steps, capsys):
     """The same contexts probed in process (top-20 from the full logits) and by llama-server (its top-20
     log-probabilities, the delimiter held back so that the server sees the running-form tokens)."""
-    from glimp_cli.backends import load_backend
-    from glimp_cli.config import load_registry
-
-    spec = replace(load_registry().model("smollm2-135m"), threads=1)
-    local = load_backend(spec)
-    remote = connect(ModelSpec(name="smollm2-remote", backend="openai", base_url=url(llama_servers["small"]),
-                               model="smollm2", prompt=replace(PLAIN, template=smollm2_chat_steps)))
-    remote.top_k = K
-    slot = ModelSlot("small", local, spec.prompt)
-    settings = RouteSettings(estimator=parse_estimator(f"topk:{K}"), max_tokens=200, max_step_tokens=64)
-    rows = []
-    try:
-        for question in GSM8K_QUESTIONS:
-            steps = [s.text for s in Router(slot, ModelSlot("large", None, PLAIN), always_small(), settings).run(question)]
-            for k in range(1, len(steps)):
-                side = Router(slot, ModelSlot("large", None, PLAIN), always_small(), settings)._sides["small"]
-                side.start(question)
-                side.sync(steps[:k])
-                in_process = topk_entropy(np.array(local.next_logits(), dtype=np.float64), K)
-                remote.text = smollm2_chat_steps.replace("{question}", question) + "".join(t + "\n\n" for t in steps[:k])
-                rows.append((in_process, topk_entropy_from_logprobs(remote.next_logits())))
-    finally:
-        local.close()
-        remote.close()
+    rows, remote = [], None
+    for logits, remote in smollm2_boundaries(url(llama_servers["small"]), smollm2_chat_steps):
+        rows.append((topk_entropy(logits, K), topk_entropy_from_logprobs(remote.next_logits())))
     assert remote.probe_form == RUNNING_FORM  # llama-server's /tokenize was used to hold the delimiter back
     a = np.array(rows)
     gap = np.abs(a[:, 0] - a[:, 1])
