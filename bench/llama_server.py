@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 from time import perf_counter
+from types import SimpleNamespace
 
 import llama_cpp
 from rich.console import Console
@@ -29,7 +30,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from http_server import DEFAULT_DATA, K, plain_template, router  # noqa: E402
+from http_server import DEFAULT_DATA, K, plain_template, remote_spec, router  # noqa: E402
 
 from glimp_cli.backends import load_backend  # noqa: E402
 from glimp_cli.backends.openai_http import connect  # noqa: E402
@@ -59,13 +60,6 @@ def parse_args() -> argparse.Namespace:
 
 def progress(message: str) -> None:
     print(f"bench/llama_server.py: {message}", file=sys.stderr, flush=True)
-
-
-def served_spec(spec, server, alias: str, template: str):
-    """The model `spec` as `server` serves it, with its prompt written out as a plain template."""
-    prompt = dataclasses.replace(spec.prompt, style="plain", template=template, system=None, prefill="")
-    return dataclasses.replace(spec, backend="openai", base_url=f"http://127.0.0.1:{server.port}/v1", model=alias,
-                               prompt=prompt, source=None, timeout=300.0, n_ctx=2048)
 
 
 def batch_rate(make_router, questions, mode: str, concurrency: int) -> tuple[float, float]:
@@ -123,7 +117,9 @@ def main() -> None:
                 servers[role] = engines.llama_server(bins, ggufs[role], role, logs / f"{role}.log",
                                                      parallel=parallel, threads=args.threads, rpc=rpc)
                 procs.append(servers[role].start())
-            rspecs = {role: served_spec(specs[role], servers[role], role, templates[role]) for role in (SMALL, LARGE)}
+            served = {role: SimpleNamespace(url=f"http://127.0.0.1:{servers[role].port}/v1", alias=role)
+                      for role in (SMALL, LARGE)}
+            rspecs = {role: remote_spec(specs[role], served[role], templates[role]) for role in (SMALL, LARGE)}
             policy = threshold(args.tau) if mode == "glimp" else always_large()
             return batch_rate(lambda: router({role: connect(rspecs[role]) for role in (SMALL, LARGE)}, rspecs,
                                              policy, pair), questions, mode, concurrency)
