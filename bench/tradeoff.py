@@ -36,10 +36,10 @@ from rich.table import Table
 
 from glimp_cli import calibrate
 from glimp_cli.batch import ResultsFile, matched_share, pair_settings, run_batch
-from glimp_cli.config import PairSpec, load_registry
+from glimp_cli.config import PairSpec, compile_probe_skip, load_registry
 from glimp_cli.engine import pair_policy
 from glimp_cli.errors import GlimpError, InputError, UsageError
-from glimp_cli.policies import LARGE, SMALL
+from glimp_cli.policies import LARGE, SMALL, always_large
 from glimp_cli.profile import Rates, bound_seconds, median_rates, profile_engine, rates_from_dict
 from glimp_cli.questions import Question, load_questions
 from glimp_cli.report import (
@@ -68,6 +68,12 @@ class BenchRun:
     path: Path
     target: float | None = None  # the calibration share its threshold was picked for
     matched: str | None = None  # random: the label of the glimp run whose reached share it runs at
+    variant: str | None = None  # a glimp variant the traces suggested: "skip" or "writer" (see VARIANTS)
+
+    @property
+    def style(self) -> str:
+        """How the picture draws it: its family, or family + variant."""
+        return self.family if self.variant is None else f"{self.family}_{self.variant}"
 
     @property
     def mode(self) -> str:
@@ -99,13 +105,16 @@ class Thresholds:
     entropy: dict  # share -> mean-token-entropy threshold
     perplexity: dict  # share -> perplexity threshold
     adaptive_tau: float
+    skip_taus: dict = field(default_factory=dict)  # share -> tau of the --probe-skip H_init
+    after_large_taus: dict = field(default_factory=dict)  # share -> tau of H_init after a large step
 
 
-def plan_runs(pair: PairSpec, th: Thresholds, runs_dir: Path, adaptive_share: float = ADAPTIVE_SHARE) -> list[BenchRun]:
+def plan_runs(pair: PairSpec, th: Thresholds, runs_dir: Path, adaptive_share: float = ADAPTIVE_SHARE,
+              probe_skip: str | None = None) -> list[BenchRun]:
     """Every run, in the order each question goes through them (a random run after its glimp run)."""
-    def run(label, family, path, target=None, matched=None, **changes) -> BenchRun:
+    def run(label, family, path, target=None, matched=None, variant=None, **changes) -> BenchRun:
         return BenchRun(label, family, dataclasses.replace(pair, mode=family, **changes), runs_dir / path,
-                        target, matched)
+                        target, matched, variant)
 
     runs = [run("small alone", "small", "small.jsonl", 0.0), run("large alone", "large", "large.jsonl", 1.0)]
     for share in sorted(th.taus):
@@ -124,6 +133,16 @@ def plan_runs(pair: PairSpec, th: Thresholds, runs_dir: Path, adaptive_share: fl
     runs.append(run(f"adaptive {adaptive_share:.0%}", "adaptive",
                     f"adaptive-share{adaptive_share:.2f}-tau{th.adaptive_tau:.4f}.jsonl", adaptive_share,
                     tau=th.adaptive_tau, large_share=adaptive_share))
+    # The variants the traces suggested (docs/tradeoff.md), each with taus of its own for the share. They
+    # are compared with plain glimp and with the random run nearest in large tokens (no random of their own).
+    for share in sorted(th.skip_taus):
+        tau = th.skip_taus[share]
+        runs.append(run(f"glimp skip {share:.0%}", "glimp", f"glimp-skip-tau{tau:.4f}.jsonl", share, variant="skip",
+                        tau=tau, probe_skip=probe_skip))
+    for share in sorted(th.after_large_taus):
+        tau, after = th.taus[share], th.after_large_taus[share]
+        runs.append(run(f"glimp by writer {share:.0%}", "glimp", f"glimp-tau{tau:.4f}-after-large{after:.4f}.jsonl",
+                        share, variant="writer", tau=tau, tau_after_large=after))
     # Ties in the calibration record can give two shares one threshold: that is one run, not two.
     unique = {}
     for r in runs:
@@ -258,6 +277,46 @@ def calibrate_thresholds(questions: list[Question], pair: PairSpec, make_router:
     step_shares = shares if step_shares is None else step_shares
     return Thresholds(tau_of, {s: calibrate.tau_for_share(entropies, s) for s in step_shares},
                       {s: calibrate.tau_for_share(perplexities, s) for s in step_shares}, adaptive_tau)
+
+
+def calibrate_after_large_taus(questions: list[Question], pair: PairSpec, make_router: Callable | None,
+                               path: Path, shares: tuple, say: Callable[[str], None] = lambda line: None) -> dict:
+    """Taus for steps after a large one: from H_init probed after every step of large alone (--probe-baseline)."""
+    ids = {q.id for q in questions}
+    if make_router is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        settings = {**pair_settings(dataclasses.replace(pair, mode="large")), "large_share": None,
+                    "probe_baseline": True}
+        out, done = ResultsFile.open(path, resume=True, settings_key=settings, questions=questions)
+        with out:
+            pending = sum((q.id, "large") not in done for q in questions)
+            if pending:
+                say(f"calibration, H_init after large steps: {pending} of {len(questions)} questions to run into {path}")
+            result = run_batch(lambda mode, recorded: make_router(always_large(probe=True)), questions, ["large"],
+                               out, done, lambda mode: settings)
+        if result.interrupted:
+            raise KeyboardInterrupt
+    _check_complete(path, "large", ids)
+    values = calibrate.distribution_from_traces(path, "large", ids).values
+    return {s: calibrate.tau_for_share(values, s) for s in shares}
+
+
+def calibrate_skip_taus(questions: list[Question], pair: PairSpec, make_router: Callable | None, cal_dir: Path,
+                        shares: tuple, say: Callable[[str], None] = lambda line: None) -> dict:
+    """Taus of `pair`'s own probe (its probe_skip) from a small-alone run of its own in `cal_dir`."""
+    if make_router is not None:
+        cal_dir.mkdir(parents=True, exist_ok=True)
+        result = calibrate.run_calibration(
+            questions, pair, make_router, cal_dir,
+            progress=lambda run, pending: say(f"calibration, probe_skip {pair.probe_skip!r}: {pending} of "
+                                              f"{len(questions)} questions to run into {run.path}"))
+        if result.interrupted:
+            raise KeyboardInterrupt
+    path = calibrate.recording_run(cal_dir).path
+    ids = {q.id for q in questions}
+    _check_complete(path, "small", ids)
+    values = calibrate.distribution_from_traces(path, SMALL, ids).values
+    return {s: calibrate.tau_for_share(values, s) for s in shares}
 
 
 def _check_complete(path: Path, mode: str, ids: set[str]) -> None:
@@ -411,15 +470,26 @@ def _ideal_seconds(run: BenchRun, records: dict[str, list[dict]],
 
 def comparisons(rows: list[TradeoffRow], records: dict[str, list[dict]]) -> list[Comparison]:
     """Each glimp run against random at its share and the step signals at its target; adaptive likewise."""
-    by = {(row.run.family, row.run.target): row for row in rows}
+    by = {(row.run.family, row.run.target, row.run.variant): row for row in rows}
     out = []
     for row in rows:
         if row.run.family == "glimp":
             rivals = [next((r for r in rows if r.run.matched == row.run.label), None),
-                      by.get(("step_entropy", row.run.target)), by.get(("step_perplexity", row.run.target))]
+                      by.get(("step_entropy", row.run.target, None)), by.get(("step_perplexity", row.run.target, None))]
+            if row.run.variant is not None:
+                # A variant against plain glimp at the same calibration share, plain glimp and random nearest
+                # to it in large tokens.
+                def nearest(family: str) -> TradeoffRow | None:
+                    plain = [r for r in rows if r.run.family == family and r.run.variant is None]
+                    return min(plain, key=lambda r: abs(r.stats.large_share_tokens - row.stats.large_share_tokens),
+                               default=None)
+                rivals = [r for r in (by.get(("glimp", row.run.target, None)), nearest("glimp"), nearest("random"))
+                          if r is not None]
+                rivals = list({id(r): r for r in rivals}.values())
         elif row.run.family == "adaptive":
-            rivals = [by.get(("glimp", row.run.target)), next(
-                (r for r in rows if r.run.family == "random" and r.run.target == row.run.target), None)]
+            rivals = [by.get(("glimp", row.run.target, None)), next(
+                (r for r in rows if r.run.family == "random" and r.run.target == row.run.target
+                 and r.run.variant is None), None)]
         else:
             continue
         out += [Comparison(row, rival, paired_comparison(records[row.run.label], records[rival.run.label]))
@@ -440,6 +510,8 @@ def _threshold(run: BenchRun) -> str:
     if t is None:
         return "-"
     name = {"glimp": "tau", "adaptive": "tau0", "step_entropy": "H>", "step_perplexity": "ppl>"}[run.family]
+    if run.pair.tau_after_large is not None and run.family == "glimp":
+        return f"{name} {t:.4g}, {run.pair.tau_after_large:.4g} after large"
     return f"{name} {t:.4g}"
 
 
@@ -454,6 +526,8 @@ def row_cells(row: TradeoffRow) -> list[str]:
     picked = "-" if row.run.target is None or row.run.family in ("small", "large") else f"{row.run.target:.0%}"
     if row.run.family == "random":
         picked = "glimp's reached"
+    if row.run.variant is not None:
+        picked += " (own taus)"
     return [row.run.label, _threshold(row.run), picked, accuracy,
             f"{_pct(s.large_share_steps)} / {_pct(s.large_share_tokens)}", _num(s.latency_vs_large, suffix="×"),
             _num(row.gap), _num(row.bound, suffix="×"), _num(row.vs_bound)]
@@ -500,9 +574,12 @@ def markdown(rows: list[TradeoffRow], pairs: list[Comparison], n: int, note: str
 STYLES = {"glimp": ("o", "#1f77b4", "glimp (H_init)"), "random": ("x", "#7f7f7f", "random at glimp's share"),
           "step_entropy": ("v", "#2ca02c", "step_entropy"), "step_perplexity": ("^", "#9467bd", "step_perplexity"),
           "adaptive": ("*", "#ff7f0e", "adaptive"), "small": ("s", "#17becf", "small alone"),
-          "large": ("D", "#c2185b", "large alone")}
+          "large": ("D", "#c2185b", "large alone"),
+          "glimp_skip": ("P", "#d62728", "glimp, H_init past a list marker"),
+          "glimp_writer": ("X", "#8c564b", "glimp, tau by previous writer")}
 # Families at about the same share are drawn a little apart, so their interval bars do not hide each other.
-DODGE = {"glimp": -0.009, "random": -0.003, "step_entropy": 0.003, "step_perplexity": 0.009}
+DODGE = {"glimp": -0.009, "random": -0.003, "step_entropy": 0.003, "step_perplexity": 0.009,
+         "glimp_skip": -0.006, "glimp_writer": 0.006}
 
 
 def write_plot(path: Path, rows: list[TradeoffRow], title: str) -> Path:
@@ -521,7 +598,7 @@ def write_plot(path: Path, rows: list[TradeoffRow], title: str) -> Path:
         ax.plot([0, ends["large"].stats.large_share_tokens], [100 * ends["small"].stats.accuracy,
                 100 * ends["large"].stats.accuracy], ":", color="grey", linewidth=1, label="small–large chord")
     for family, (marker, colour, label) in STYLES.items():
-        mine = sorted((r for r in graded if r.run.family == family), key=lambda r: r.stats.large_share_tokens)
+        mine = sorted((r for r in graded if r.run.style == family), key=lambda r: r.stats.large_share_tokens)
         if not mine:
             continue
         x = [r.stats.large_share_tokens + DODGE.get(family, 0.0) for r in mine]
@@ -564,6 +641,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                           "(default: --shares; fewer make the run shorter)")
     p.add_argument("--taus", help="glimp taus for --shares, comma-separated, instead of calibrating them")
     p.add_argument("--adaptive-share", type=float, default=ADAPTIVE_SHARE)
+    p.add_argument("--probe-skip", help="also run glimp with H_init read past leading text matching this regex "
+                                        "(e.g. a list number), at taus from a small-alone run with that probe")
+    p.add_argument("--by-writer", action="store_true", help="also run glimp with its own tau after a large step, "
+                                                            "from H_init probed after large alone's steps")
+    p.add_argument("--variant-shares", default="0.35", help="calibration shares of those variants (default %(default)s)")
+    p.add_argument("--variant-calibration-questions", type=int,
+                   help="the variants' own calibration runs on only the first N calibration questions")
     p.add_argument("--max-tokens", type=int, help="token budget per trace (default: the pair's); e.g. small for a smoke run")
     p.add_argument("--profile-every", type=int, default=10, help="re-measure the rates every N questions")
     p.add_argument("--runs-dir", type=Path, help="results files (default: bench/results/tradeoff-<pair>)")
@@ -599,6 +683,11 @@ def main(argv: list[str] | None = None) -> int:
     step_shares = _floats(args.step_shares, "step-shares") if args.step_shares else shares
     if not shares or not all(0 < s < 1 for s in (*shares, *step_shares, args.adaptive_share)):
         raise UsageError("--shares, --step-shares and --adaptive-share must be between 0 and 1")
+    variant_shares = _floats(args.variant_shares, "variant-shares")
+    if not all(0 < s < 1 for s in variant_shares):
+        raise UsageError("--variant-shares must be between 0 and 1")
+    if args.probe_skip is not None:
+        compile_probe_skip(args.probe_skip, "--probe-skip")
     runs_dir = args.runs_dir or REPO / "bench" / "results" / f"tradeoff-{pair.name}"
     if not args.report:
         runs_dir.mkdir(parents=True, exist_ok=True)
@@ -621,11 +710,29 @@ def main(argv: list[str] | None = None) -> int:
                                   runs_dir / "calibration", shares, args.adaptive_share, taus,
                                   lambda line: console.print(line, markup=False), step_shares,
                                   draft_questions=cal_questions[args.draft_offset:][:args.draft_questions])
-        runs = plan_runs(pair, th, runs_dir, args.adaptive_share)
+        variant_questions = cal_questions[:args.variant_calibration_questions]
+        say = lambda line: console.print(line, markup=False)  # noqa: E731
+        if args.probe_skip is not None:
+            skip_pair = dataclasses.replace(pair, probe_skip=args.probe_skip)
+            th = dataclasses.replace(th, skip_taus=calibrate_skip_taus(
+                variant_questions, skip_pair, None if args.report else lambda policy: models.router(policy, skip_pair),
+                runs_dir / "calibration-probe-skip", variant_shares, say))
+        if args.by_writer:
+            missing = [s for s in variant_shares if s not in th.taus]
+            if missing:
+                raise UsageError(f"--variant-shares {missing[0]:g} is not one of --shares: --by-writer routes a step "
+                                 "after a small one at glimp's tau for the share")
+            th = dataclasses.replace(th, after_large_taus=calibrate_after_large_taus(
+                variant_questions, pair, None if args.report else lambda policy: models.router(policy),
+                runs_dir / "calibration-after-large" / "large.jsonl", variant_shares, say))
+        runs = plan_runs(pair, th, runs_dir, args.adaptive_share, args.probe_skip)
         console.print("thresholds: glimp tau " + ", ".join(f"{t:.4g} ({s:.0%})" for s, t in th.taus.items())
                       + "; step_entropy " + ", ".join(f"{t:.4g} ({s:.0%})" for s, t in th.entropy.items())
                       + "; step_perplexity " + ", ".join(f"{t:.4g} ({s:.0%})" for s, t in th.perplexity.items())
-                      + f"; adaptive tau0 {th.adaptive_tau:.4g}", markup=False)
+                      + f"; adaptive tau0 {th.adaptive_tau:.4g}"
+                      + "".join(f"; skip tau {t:.4g} ({s:.0%})" for s, t in th.skip_taus.items())
+                      + "".join(f"; tau after large {t:.4g} ({s:.0%})" for s, t in th.after_large_taus.items()),
+                      markup=False)
         if not args.report:
             interrupted = run_all(runs, questions, models, log, console, args.profile_every)
     except KeyboardInterrupt:

@@ -37,7 +37,7 @@ RECORDED_ONLY_KEYS = frozenset({"questions"})
 # be glimp's matched share, which moves as more glimp records are written; other modes ignore it.
 SHARE_MODES = frozenset({"adaptive"})
 # A threshold shapes only the modes that route by it: a large-alone record stays valid whatever tau is.
-THRESHOLD_MODES = {"tau": frozenset({"glimp", "adaptive"}),
+THRESHOLD_MODES = {"tau": frozenset({"glimp", "adaptive"}), "tau_after_large": frozenset({"glimp"}),
                    "step_entropy_threshold": frozenset({"step_entropy"}),
                    "step_perplexity_threshold": frozenset({"step_perplexity"})}
 
@@ -47,8 +47,12 @@ PROBED = "probed (not a baseline)"
 
 
 def pair_settings(pair: PairSpec) -> dict:
-    """The run settings every record of one results file shares (the resume key)."""
-    return {
+    """The run settings every record of one results file shares (the resume key).
+
+    `probe_skip` and `tau_after_large` are there only when set, so results written before they
+    existed keep their key.
+    """
+    settings = {
         "pair": pair.name,
         "models": {SMALL: pair.small, LARGE: pair.large},
         "tau": pair.tau,
@@ -62,6 +66,10 @@ def pair_settings(pair: PairSpec) -> dict:
         "step_entropy_threshold": pair.step_entropy_threshold,
         "step_perplexity_threshold": pair.step_perplexity_threshold,
     }
+    for key in ("probe_skip", "tau_after_large"):
+        if getattr(pair, key) is not None:
+            settings[key] = getattr(pair, key)
+    return settings
 
 
 def model_details(registry: Registry, name: str) -> dict:

@@ -65,6 +65,8 @@ SeedOpt = typer.Option(None, "--seed", envvar="GLIMP_SEED", help="Seed for sampl
 MaxTokOpt = typer.Option(None, "--max-tokens", envvar="GLIMP_MAX_TOKENS", help="Token budget of the whole trace.")
 MaxStepOpt = typer.Option(None, "--max-step-tokens", envvar="GLIMP_MAX_STEP_TOKENS", help="Token limit of one step.")
 DelimOpt = typer.Option(None, "--delimiter", envvar="GLIMP_DELIMITER", help="Step delimiter; escapes such as \\n are read (default: a blank line).")
+SkipOpt = typer.Option(None, "--probe-skip", envvar="GLIMP_PROBE_SKIP", help="Regex of leading step text (e.g. a list number) the probe reads past: H_init is the entropy of the token after it (in-process small model only).")
+AfterLargeOpt = typer.Option(None, "--tau-after-large", envvar="GLIMP_TAU_AFTER_LARGE", help="glimp's tau for a step that follows a large-model step (default: tau for every step).")
 EstOpt = typer.Option(None, "--estimator", envvar="GLIMP_ESTIMATOR", help="H_init estimator: exact (full vocabulary) or topk:K.")
 ProbeOpt = typer.Option(False, "--probe-baseline", help="In large mode, also probe the small model to record H_init (timings are then not a baseline).")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Say which source each setting came from, and where the models are.")
@@ -121,6 +123,8 @@ def ask(
     max_step_tokens: Optional[int] = MaxStepOpt,
     delimiter: Optional[str] = DelimOpt,
     estimator: Optional[str] = EstOpt,
+    probe_skip: Optional[str] = SkipOpt,
+    tau_after_large: Optional[float] = AfterLargeOpt,
     probe_baseline: bool = ProbeOpt,
     config: Optional[Path] = ConfigOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the whole trace as one JSON object."),
@@ -137,7 +141,8 @@ def ask(
             raise UsageError("the question is empty")
         values = dict(small=small, large=large, tau=tau, mode=mode, large_share=large_share,
                       temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens,
-                      max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator)
+                      max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator, probe_skip=probe_skip,
+                      tau_after_large=tau_after_large)
         registry, pair_spec = _resolve(ctx, config, pair, values, verbose)
         policy = pair_policy(pair_spec, probe_baseline)
         engine = Engine.load(registry, pair_spec, set(policy.models))
@@ -236,6 +241,8 @@ def batch(
     max_step_tokens: Optional[int] = MaxStepOpt,
     delimiter: Optional[str] = DelimOpt,
     estimator: Optional[str] = EstOpt,
+    probe_skip: Optional[str] = SkipOpt,
+    tau_after_large: Optional[float] = AfterLargeOpt,
     config: Optional[Path] = ConfigOpt,
     verbose: bool = VerboseOpt,
     concurrency: int = ConcurrencyOpt,
@@ -264,7 +271,8 @@ def batch(
             raise UsageError("--resume and --overwrite exclude each other")
         values = dict(small=small, large=large, tau=tau, large_share=large_share, temperature=temperature,
                       top_p=top_p, seed=seed, max_tokens=max_tokens, max_step_tokens=max_step_tokens,
-                      delimiter=delimiter, estimator=estimator)
+                      delimiter=delimiter, estimator=estimator, probe_skip=probe_skip,
+                      tau_after_large=tau_after_large)
         registry, pair_spec = _resolve(ctx, config, pair, values, verbose)
         modes = _batch_modes(mode) if mode is not None else _batch_modes(pair_spec.mode)
         # Random runs at a share the user set (flag, environment or models.yaml), else at glimp's.
@@ -448,6 +456,7 @@ def calibrate(
     max_step_tokens: Optional[int] = MaxStepOpt,
     delimiter: Optional[str] = DelimOpt,
     estimator: Optional[str] = EstOpt,
+    probe_skip: Optional[str] = SkipOpt,
     config: Optional[Path] = ConfigOpt,
     verbose: bool = VerboseOpt,
 ):
@@ -470,7 +479,7 @@ def calibrate(
             write_to=(config or user_config()) if write else None, exclude=exclude, allow_overlap=allow_overlap)
         check_options(options)
         values = dict(small=small, large=large, tau=tau, temperature=temperature, top_p=top_p, seed=seed,
-                      max_tokens=max_tokens, max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator)
+                      max_tokens=max_tokens, max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator, probe_skip=probe_skip)
         registry, pair_spec = _resolve(ctx, config, pair, values, verbose)
         out = Console(highlight=False)
         if not out.is_terminal and "COLUMNS" not in os.environ:
@@ -535,6 +544,8 @@ def serve(
     max_step_tokens: Optional[int] = MaxStepOpt,
     delimiter: Optional[str] = DelimOpt,
     estimator: Optional[str] = EstOpt,
+    probe_skip: Optional[str] = SkipOpt,
+    tau_after_large: Optional[float] = AfterLargeOpt,
     config: Optional[Path] = ConfigOpt,
     verbose: bool = VerboseOpt,
 ):
@@ -548,7 +559,8 @@ def serve(
 
         values = dict(small=small, large=large, tau=tau, mode=mode, large_share=large_share,
                       temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens,
-                      max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator)
+                      max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator, probe_skip=probe_skip,
+                      tau_after_large=tau_after_large)
         specs, registry = [], None
         for name in dict.fromkeys(pair or [None]):
             registry, spec = _resolve(ctx, config, name, values, verbose)

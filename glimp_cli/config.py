@@ -116,6 +116,7 @@ class CalibrationRecord:
     temperature: float | None = None
     top_p: float | None = None
     max_step_tokens: int | None = None
+    probe_skip: str | None = None
     date: str | None = None
 
 
@@ -139,6 +140,11 @@ class PairSpec:
     # Thresholds of the draft-then-verify baselines (modes step_entropy, step_perplexity).
     step_entropy_threshold: float = 1.0
     step_perplexity_threshold: float = 3.0
+    # A regex of leading step text the probe reads past (e.g. a list number "2."): H_init is then the
+    # entropy of the first token after it. None probes the step's first token (the paper's H_init).
+    probe_skip: str | None = None
+    # glimp's tau for a step that follows a large-model step; None routes every step at tau.
+    tau_after_large: float | None = None
     calibration: CalibrationRecord | None = None  # written by `glimp calibrate --write`
 
 
@@ -401,6 +407,23 @@ def check_pair_values(spec: PairSpec, where) -> None:
     for key in ("max_tokens", "max_step_tokens"):
         if getattr(spec, key) < 1:
             raise ConfigError(f"{where(key)}: must be a positive integer")
+    if spec.tau_after_large is not None and math.isnan(spec.tau_after_large):
+        raise ConfigError(f"{where('tau_after_large')}: must be a number (inf and -inf are allowed), not NaN")
+    if spec.probe_skip is not None:
+        compile_probe_skip(spec.probe_skip, where("probe_skip"))
+
+
+def compile_probe_skip(pattern: str, where: str):
+    """The compiled `probe_skip` regex; it must compile and must not match the empty text."""
+    import regex
+
+    try:
+        compiled = regex.compile(pattern)
+    except regex.error as exc:
+        raise ConfigError(f"{where}: not a regular expression ({exc})") from None
+    if compiled.fullmatch(""):
+        raise ConfigError(f"{where}: {pattern!r} matches the empty text, so it would skip nothing")
+    return compiled
 
 
 def apply_overrides(pair: PairSpec, overrides: dict[str, tuple[Any, str]],

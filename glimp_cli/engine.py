@@ -21,6 +21,7 @@ def route_settings(pair: PairSpec) -> RouteSettings:
         seed=pair.seed,
         max_tokens=pair.max_tokens,
         max_step_tokens=pair.max_step_tokens,
+        probe_skip=pair.probe_skip,
     )
 
 
@@ -28,7 +29,7 @@ def pair_policy(pair: PairSpec, probe_baseline: bool = False) -> Policy:
     """The routing policy for the pair's mode."""
     return make_policy(pair.mode, pair.tau, pair.large_share, probe_baseline,
                        pair.step_entropy_threshold, pair.step_perplexity_threshold,
-                       adaptive_share=pair.large_share)
+                       adaptive_share=pair.large_share, tau_after_large=pair.tau_after_large)
 
 
 @dataclass

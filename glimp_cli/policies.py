@@ -53,6 +53,28 @@ def threshold(tau: float) -> Policy:
     return Policy(f"glimp(tau={tau:g})", lambda h, rng: SMALL if h is not None and h <= tau else LARGE)
 
 
+def threshold_by_writer(tau: float, tau_after_large: float) -> Policy:
+    """GlimpRouter with a tau that depends on who wrote the previous step: `tau_after_large` after a large one.
+
+    The previous writer is the one this policy chose for the trace's previous probed step (the first
+    step is routed at `tau`); each trace gets a fresh copy (`for_trace`).
+    """
+    name = f"glimp(tau={tau:g}, after_large={tau_after_large:g})"
+
+    def fresh() -> Policy:
+        last: list[Role] = []
+
+        def choose(h: float | None, rng: np.random.Generator) -> Role:
+            limit = tau_after_large if last and last[-1] == LARGE else tau
+            role = SMALL if h is not None and h <= limit else LARGE
+            last[:] = [role]
+            return role
+
+        return Policy(name, choose)
+
+    return replace(fresh(), for_trace=fresh)
+
+
 def always_small() -> Policy:
     """Small-alone baseline: every reasoning step by the small model."""
     return Policy("small", lambda h, rng: SMALL, large_answers=False, models=frozenset({SMALL}),
@@ -154,13 +176,15 @@ MODES = ("glimp", "small", "large", "random", "step_entropy", "step_perplexity",
 
 def make_policy(mode: str, tau: float, large_share: float, probe_baseline: bool = False,
                 step_entropy_threshold: float = 1.0, step_perplexity_threshold: float = 3.0,
-                adaptive_share: float | None = None, adaptive_warmup: int = ADAPTIVE_WARMUP) -> Policy:
+                adaptive_share: float | None = None, adaptive_warmup: int = ADAPTIVE_WARMUP,
+                tau_after_large: float | None = None) -> Policy:
     """The policy for a `--mode`; `probe_baseline` makes large mode record H_init.
 
-    `adaptive` targets `adaptive_share` (ADAPTIVE_SHARE when None) and warms up at `tau`.
+    `adaptive` targets `adaptive_share` (ADAPTIVE_SHARE when None) and warms up at `tau`; glimp with
+    `tau_after_large` routes a step after a large one at that tau instead.
     """
     if mode == "glimp":
-        return threshold(tau)
+        return threshold(tau) if tau_after_large is None else threshold_by_writer(tau, tau_after_large)
     if mode == "small":
         return always_small()
     if mode == "large":

@@ -23,6 +23,9 @@ TRACE_STOPS = ("answer", "eos", "stop_string", "max_tokens", "context_full", "re
 # Top log-probabilities a text-level (HTTP) small model is asked for when the estimator is exact but
 # nothing is probed (small mode): its first token of a step is drawn from these.
 DEFAULT_TEXT_TOP_K = 20
+# Most tokens the probe reads past a `probe_skip` match: a pattern such as \d+\. keeps matching a
+# long number, and the probe must stay a few tokens of work.
+MAX_SKIP_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class RouteSettings:
     seed: int = 0
     max_tokens: int = 1024
     max_step_tokens: int = 256
+    probe_skip: str | None = None  # regex of leading step text H_init is read past (see probe_past)
 
 
 @dataclass
@@ -404,6 +408,16 @@ class Router:
         self.settings = settings
         self.delimiter = settings.delimiter
         self._sides = {SMALL: _side(small, settings, policy), LARGE: _side(large, settings, policy)}
+        self.probe_skip = None
+        if settings.probe_skip is not None and policy.needs_probe:
+            from glimp_cli.config import compile_probe_skip
+
+            self.probe_skip = compile_probe_skip(settings.probe_skip, "probe_skip")
+            if isinstance(self._sides[SMALL], _TextSide):
+                raise ConfigError(
+                    f"probe_skip needs the small model in process: model {small.backend.name!r} is served "
+                    "over HTTP, where the probe cannot read past tokens it has not written"
+                )
         self.answer_markers = tuple(
             m for m in {small.prompt.answer_marker, large.prompt.answer_marker} if m
         )
@@ -443,6 +457,9 @@ class _StepCosts:
     discarded: int = 0
     draft_seconds: float = 0.0
     score: DraftScore | None = None
+    skipped: tuple[int, ...] = ()  # tokens of a `probe_skip` match, in the small model's context
+    skipped_text: str = ""
+    first: int | None = None  # the step's first token, when the probe has drawn it already
 
 
 class _TraceRun:
@@ -507,8 +524,41 @@ class _TraceRun:
         self.catch_up(self.small, costs)
         t0 = perf_counter()
         costs.logits = self.small.backend.next_logits()
+        if self.router.probe_skip is not None:
+            self.probe_past(costs)
         costs.h_init = self.settings.estimator.from_logits(costs.logits)
         costs.probe_seconds = perf_counter() - t0
+
+    def probe_past(self, costs: _StepCosts) -> None:
+        """Read past a leading `probe_skip` match (e.g. "2."): H_init is then the entropy of the token after it.
+
+        The small model draws tokens while their text can still become a match; on a whole match they
+        stay in its context as the start of the step (kept if it writes the step, rewound otherwise).
+        Text that can never match, or a match cut by the delimiter, the end of generation or
+        MAX_SKIP_TOKENS, leaves the paper's H_init of the first token, whose draw is kept.
+        """
+        backend, pattern = self.small.backend, self.router.probe_skip
+        logits, drawn, data = costs.logits, [], b""
+        while len(drawn) < MAX_SKIP_TOKENS:
+            token = sample_token(logits, self.settings.sampling, self.rng)
+            if not drawn:
+                costs.first = token
+            data += backend.token_bytes(token)
+            text = data.decode("utf-8", errors="ignore")  # a character cut between tokens is not matched yet
+            if backend.is_eog(token) or self.router.delimiter in text:
+                break
+            match = pattern.fullmatch(text, partial=True)
+            if match is None:
+                break
+            backend.extend([token])
+            drawn.append(token)
+            logits = backend.next_logits()
+            if not match.partial:
+                costs.skipped, costs.skipped_text, costs.logits, costs.first = tuple(drawn), text, logits, None
+                return
+        if drawn:
+            self.small.drop_draft()  # the write evaluates them again, from the first token drawn here
+            costs.discarded += len(drawn)
 
     def write_small(self, costs: _StepCosts, limit: int, budget: int) -> tuple[Role, Written | None]:
         """The small model writes from the probed token; returns LARGE when the step is handed over."""
@@ -516,10 +566,16 @@ class _TraceRun:
         if costs.logits is None:
             self.catch_up(self.small, costs)
             costs.logits = self.small.backend.next_logits()
-        first = sample_token(costs.logits, s.sampling, self.rng)
+        first = costs.first if costs.first is not None else sample_token(costs.logits, s.sampling, self.rng)
         stop = self.router._stop(SMALL, limit, budget, policy.large_answers)
+        if costs.skipped_text and self.on_text:
+            self.on_text(costs.skipped_text)
         written = self.small.backend.write(first, stop, s.sampling, self.rng, self.on_text,
                                            costs.logits if policy.rewrite else None)
+        if costs.skipped:
+            # The probe's match is the start of the step (a draft's score covers the text after it).
+            written = replace(written, text=costs.skipped_text + written.text, tokens=costs.skipped + written.tokens)
+            costs.skipped = ()
         costs.score = _draft_score(written) if policy.rewrite else None
         if costs.score is not None and written.reason in ("delimiter", "length") and policy.rewrite(costs.score):
             # A draft-then-verify policy rejected the draft: the large model rewrites the step.
@@ -545,6 +601,11 @@ class _TraceRun:
 
     def write_large(self, costs: _StepCosts, limit: int, budget: int) -> Written:
         """The large model writes the whole step."""
+        if costs.skipped:
+            # The probe read past a match the small model drew: the large model writes its own step.
+            self.small.drop_draft()
+            costs.discarded += len(costs.skipped)
+            costs.skipped = ()
         self.catch_up(self.large, costs)
         stop = self.router._stop(LARGE, limit, budget, False)
         return self.large.backend.write(None, stop, self.settings.sampling, self.rng, self.on_text)

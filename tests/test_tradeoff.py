@@ -309,3 +309,25 @@ def test_random_runs_at_the_pooled_share_its_glimp_run_reached_so_far(tmp_path):
     assert shares == [pytest.approx(1 / 4), pytest.approx((1 + 2) / (4 + 4))]
     recorded = [json.loads(line)["settings"]["large_share"] for line in random.path.read_text().splitlines()]
     assert recorded == shares
+
+
+def test_variants_get_their_own_taus_files_and_rivals(tmp_path):
+    th = tradeoff.Thresholds({0.5: 1.0}, {0.5: 0.5}, {0.5: 2.0}, 1.0, skip_taus={0.5: 0.8},
+                             after_large_taus={0.5: 1.6})
+    runs = tradeoff.plan_runs(PAIR, th, tmp_path, adaptive_share=0.5, probe_skip=r"\d+\.")
+    skip, writer = runs[-2], runs[-1]
+    assert (skip.label, skip.pair.tau, skip.pair.probe_skip, skip.pair.tau_after_large) == (
+        "glimp skip 50%", 0.8, r"\d+\.", None)
+    assert (writer.label, writer.pair.tau, writer.pair.tau_after_large, writer.pair.probe_skip) == (
+        "glimp by writer 50%", 1.0, 1.6, None)
+    assert skip.settings()["probe_skip"] == r"\d+\." and writer.settings()["tau_after_large"] == 1.6
+    assert writer.policy().name == "glimp(tau=1, after_large=1.6)"
+    assert len({r.path for r in runs}) == len(runs) and tradeoff._threshold(writer) == "tau 1, 1.6 after large"
+    # Each variant is paired with plain glimp at its share and with the plain glimp / random run nearest
+    # to it in large tokens (here the same glimp run: it is listed once).
+    records = {r.label: [record("1", r.mode, True, 1.0, tokens=(40, 20 if r.variant else 10), steps=(1, 1))]
+               for r in runs}
+    rows = tradeoff.tradeoff_rows(runs, records, lambda label, qid: None)
+    pairs = [(c.a.run.label, c.b.run.label) for c in tradeoff.comparisons(rows, records)]
+    for variant in ("glimp skip 50%", "glimp by writer 50%"):
+        assert [b for a, b in pairs if a == variant] == ["glimp 50%", "random ~ glimp 50%"]

@@ -61,6 +61,9 @@ class ScriptedStep:
     h_init: float
     small: str
     large: str
+    # (prefix of the small text, H) pairs: the small model's entropy right after that prefix (a probe
+    # that reads past a list marker sees it); elsewhere inside a step the fake is near-certain.
+    after: tuple[tuple[str, float], ...] = ()
 
 
 def logits_with_entropy(h: float, top: int, n_vocab: int = N_VOCAB) -> np.ndarray:
@@ -156,6 +159,10 @@ class FakeBackend:
             if self._tokens and self._tokens[-1] == MERGED_BLANK_LINE:
                 h += WRONG_FORM_PENALTY
             return logits_with_entropy(h, top)
+        if self.role == "small" and index < len(self.script):
+            for prefix, h in self.script[index].after:
+                if partial == prefix.encode():
+                    return logits_with_entropy(h, top)
         logits = np.zeros(N_VOCAB, dtype=np.float32)
         logits[top] = 60.0
         return logits

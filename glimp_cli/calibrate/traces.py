@@ -20,7 +20,10 @@ TRACE_MODES = ("small", "glimp", "adaptive", "random", "step_entropy", "step_per
 # probe is read at temperature 1 from raw logits, but the context it is read after was sampled with
 # them). Not max_tokens: it only cuts traces short, so each recorded value is one that a longer trace
 # holds too. Not seed: it picks one draw, not the distribution.
-MEASURED_KEYS = ("delimiter", "estimator", "temperature", "top_p", "max_step_tokens")
+# probe_skip too: what the probe reads past changes which token's entropy is H_init.
+MEASURED_KEYS = ("delimiter", "estimator", "temperature", "top_p", "max_step_tokens", "probe_skip")
+# Measured keys a results line leaves out when they are unset (None), not because they are unknown.
+UNSET_MEANS_NONE = frozenset({"probe_skip"})
 
 
 @dataclass(frozen=True)

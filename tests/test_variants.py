@@ -1,0 +1,173 @@
+"""The variants the traces suggested, exactly, through the scripted fakes: probe_skip (H_init read past a
+leading list marker) and tau_after_large (a tau that depends on who wrote the previous step)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import FAKE_PROMPT, fake_router
+from glimp_cli.backends.fake import ScriptedStep as S, tokenize_bytes
+from glimp_cli.batch import pair_settings
+from glimp_cli.config import PairSpec, apply_overrides, compile_probe_skip
+from glimp_cli.entropy import parse_estimator
+from glimp_cli.errors import ConfigError
+from glimp_cli.policies import always_large, always_small, make_policy, threshold, threshold_by_writer
+from glimp_cli.router import MAX_SKIP_TOKENS, ModelSlot, RouteSettings, Router
+
+MARKER = r"\s*(\d+[.)]|[-*])"
+ANSWER = S(0.1, "The answer is 3.", "The answer is 4.")
+
+
+def run(router):
+    trace = router.run("q?")
+    return trace, list(trace)
+
+
+def small_text(router) -> str:
+    small = router._sides["small"].backend
+    return b"".join(small.token_bytes(t) for t in small.tokens).decode()
+
+
+def test_a_list_number_is_read_past_and_the_next_token_decides():
+    # "2." is near-certain (0.05 nats) but what follows it is not (2.0): the step goes large.
+    script = [S(0.05, "2. add them", "2. ADD THEM", after=(("2.", 2.0),)), ANSWER]
+    plain_trace, plain = run(fake_router(script, threshold(1.0)))
+    router = fake_router(script, threshold(1.0), probe_skip=MARKER)
+    trace, steps = run(router)
+    assert plain[0].model == "small" and plain[0].h_init == pytest.approx(0.05, abs=1e-5)
+    assert steps[0].model == "large" and steps[0].h_init == pytest.approx(2.0, abs=1e-5)
+    assert steps[0].text == "2. ADD THEM"
+    # The two marker tokens the small model drew were rewound: its context holds the large step only.
+    assert steps[0].discarded_tokens == 2
+    assert "2. ADD THEM\n\n" in small_text(router) and "2. add" not in small_text(router)
+
+
+def test_a_kept_marker_is_the_start_of_the_small_step_and_nothing_is_evaluated_twice():
+    script = [S(3.0, "2. add them", "2. ADD THEM", after=(("2.", 0.2),)), ANSWER]
+    router = fake_router(script, threshold(1.0), probe_skip=MARKER)
+    trace, steps = run(router)
+    assert steps[0].model == "small" and steps[0].h_init == pytest.approx(0.2, abs=1e-5)
+    assert steps[0].text == "2. add them"
+    assert steps[0].tokens == len(tokenize_bytes(b"2. add them\n\n"))  # the delimiter it wrote counts too
+    assert steps[0].discarded_tokens == 0
+    small = router._sides["small"].backend
+    assert trace.evaluated["small"] == len(small.tokens) + steps[-1].discarded_tokens
+
+
+def test_streamed_text_of_a_skipped_step_is_its_whole_text():
+    script = [S(3.0, "- add them", "- ADD THEM", after=(("-", 0.2),)), ANSWER]
+    pieces: dict[int, list[str]] = {}
+
+    class Listener:
+        current = 0
+
+        def step_started(self, index, model, h_init):
+            self.current = index
+            pieces[index] = []
+
+        def text(self, piece):
+            pieces[self.current].append(piece)
+
+        def draft_discarded(self, index, tokens):
+            pieces[index] = []
+
+    trace = fake_router(script, threshold(1.0), probe_skip=MARKER).run("q?", Listener())
+    steps = list(trace)
+    assert ["".join(pieces[s.index]) for s in steps] == [s.text for s in steps]
+
+
+def test_text_that_only_starts_like_a_marker_keeps_the_first_token_h_init():
+    # "16 - 3" begins like "16." but is not a list number: H_init is the first token's, as without skip.
+    script = [S(0.3, "16 - 3 = 13", "16 - 3 = 13!"), S(1.5, "So 13.", "SO 13."), ANSWER]
+    _, plain = run(fake_router(script, threshold(1.0)))
+    router = fake_router(script, threshold(1.0), probe_skip=MARKER)
+    trace, steps = run(router)
+    assert [(s.model, s.text) for s in steps] == [(s.model, s.text) for s in plain]
+    assert [s.h_init for s in steps] == pytest.approx([s.h_init for s in plain], abs=1e-6)
+    # "1" and "6" were drawn while the text could still become "16.", then rewound and written again.
+    assert steps[0].discarded_tokens == 2
+    assert small_text(router).endswith("16 - 3 = 13\n\nSO 13.\n\n")
+
+
+def test_without_a_marker_the_trace_is_the_plain_one():
+    script = [S(0.5, "small one", "LARGE ONE"), S(2.0, "small two", "LARGE TWO"), ANSWER]
+    plain_trace, plain = run(fake_router(script, threshold(1.0)))
+    trace, steps = run(fake_router(script, threshold(1.0), probe_skip=MARKER))
+    assert [(s.model, s.text, s.discarded_tokens) for s in steps] == [
+        (s.model, s.text, s.discarded_tokens) for s in plain]
+    assert trace.evaluated == plain_trace.evaluated
+
+
+def test_a_marker_that_never_ends_stops_at_the_token_limit():
+    digits = "1" * (MAX_SKIP_TOKENS + 4)
+    script = [S(0.3, digits + ". go", digits + ". GO", after=((digits + ".", 2.5),)), ANSWER]
+    trace, steps = run(fake_router(script, threshold(1.0), probe_skip=MARKER))
+    assert steps[0].h_init == pytest.approx(0.3, abs=1e-5)  # the first token's: the match was cut
+    assert steps[0].model == "small" and steps[0].text == digits + ". go"
+    assert steps[0].discarded_tokens == MAX_SKIP_TOKENS
+
+
+def test_small_alone_records_the_skipped_h_init_and_large_alone_does_no_probe():
+    script = [S(0.05, "1) add", "1) ADD", after=(("1)", 1.7),)), ANSWER]
+    _, small = run(fake_router(script, always_small(), probe_skip=MARKER))
+    assert small[0].h_init == pytest.approx(1.7, abs=1e-5) and small[0].text == "1) add"
+    router = fake_router(script, always_large(), probe_skip=MARKER)
+    _, large = run(router)
+    assert all(s.h_init is None for s in large) and router.probe_skip is None
+
+
+def test_the_pattern_is_checked():
+    with pytest.raises(ConfigError, match=r"probe_skip: not a regular expression"):
+        compile_probe_skip("(", "probe_skip")
+    with pytest.raises(ConfigError, match="matches the empty text"):
+        compile_probe_skip(r"\d*", "probe_skip")
+    pair = PairSpec("p", "s", "l")
+    with pytest.raises(ConfigError, match="flag value for probe_skip: not a regular expression"):
+        apply_overrides(pair, {"probe_skip": ("[", "flag")})
+
+
+def test_a_served_small_model_cannot_skip():
+    served = SimpleNamespace(context="text", name="served-small")
+    local = fake_router([ANSWER], threshold(1.0))._sides["large"].backend
+    with pytest.raises(ConfigError, match="probe_skip needs the small model in process.*served-small"):
+        Router(ModelSlot("small", served, FAKE_PROMPT), ModelSlot("large", local, FAKE_PROMPT), threshold(1.0),
+               RouteSettings(estimator=parse_estimator("topk:20"), probe_skip=MARKER))
+
+
+def test_probe_skip_is_part_of_the_resume_key_only_when_set():
+    pair = PairSpec("p", "s", "l")
+    assert "probe_skip" not in pair_settings(pair)  # results written before it existed still resume
+    assert pair_settings(PairSpec("p", "s", "l", probe_skip=MARKER))["probe_skip"] == MARKER
+
+
+# --- the tau that depends on who wrote the previous step -------------------------------------------
+
+
+def test_after_a_large_step_the_after_large_tau_decides():
+    policy = threshold_by_writer(0.5, tau_after_large=1.5)
+    trace = policy.for_trace()
+    # 0.4 small (tau 0.5); 1.0 large (after small: 0.5); 1.0 small (after large: 1.5); 2.0 large; 1.2 small.
+    assert [trace(h, None) for h in (0.4, 1.0, 1.0, 2.0, 1.2)] == ["small", "large", "small", "large", "small"]
+    # A new trace starts after no step: the first step is routed at tau.
+    assert policy.for_trace()(1.0, None) == "large"
+    assert make_policy("glimp", 0.5, 0.5, tau_after_large=1.5).name == "glimp(tau=0.5, after_large=1.5)"
+    assert make_policy("glimp", 0.5, 0.5).name == "glimp(tau=0.5)"
+
+
+def test_the_router_routes_by_the_previous_writer():
+    script = [S(0.4, "s one", "L ONE"), S(1.0, "s two", "L TWO"), S(1.0, "s three", "L THREE"),
+              S(1.0, "s four", "L FOUR"), ANSWER]
+    _, plain = run(fake_router(script, threshold(0.5)))
+    _, steps = run(fake_router(script, threshold_by_writer(0.5, 1.5)))
+    assert [s.model for s in plain] == ["small", "large", "large", "large", "large"]
+    assert [s.model for s in steps] == ["small", "large", "small", "large", "large"]
+
+
+def test_tau_after_large_is_checked_and_keyed_only_when_set():
+    pair = PairSpec("p", "s", "l")
+    with pytest.raises(ConfigError, match="flag value for tau_after_large: must be a number"):
+        apply_overrides(pair, {"tau_after_large": (float("nan"), "flag")})
+    assert "tau_after_large" not in pair_settings(pair)
+    assert pair_settings(PairSpec("p", "s", "l", tau_after_large=1.5))["tau_after_large"] == 1.5
