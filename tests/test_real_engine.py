@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import GSM8K_QUESTIONS
-from glimp_cli.policies import always_large, always_small, threshold
+from glimp_cli.policies import always_large, always_small, random_share, threshold
 from glimp_cli.router import TRACE_STOPS
 
 pytestmark = pytest.mark.real
@@ -125,3 +125,53 @@ def test_large_alone_loads_and_probes_nothing_small(real_engine):
     trace, steps = run(real_engine, always_large(), GSM8K_QUESTIONS[1])
     assert steps and all(s.h_init is None and s.model == "large" for s in steps)
     assert set(trace.evaluated) == {"large"}
+
+
+LIST_QUESTION = "List the steps to make a cup of tea, as a numbered list."
+
+
+@pytest.mark.parametrize("policy", [always_small(), random_share(0.4)], ids=["small", "random"])
+def test_probe_skip_reads_h_init_past_a_list_number_and_leaves_the_contexts_canonical(real_engine, policy):
+    """SmolLM2 answers LIST_QUESTION with "1. ...", "2. ..." lines: H_init is taken after each number.
+
+    Replayed from the same tokens in one batch, the entropy after the marker matches the probe's (which
+    read the marker token by token) up to llama.cpp's batch-shape noise. Routed at random, some marked
+    steps go to the large model, and the small model's context must hold no trace of the marker it drew.
+    """
+    import regex
+
+    pattern = r"\s*(\d+[.)]|[-*])"
+    changes = dict(delimiter="\n", max_tokens=120, max_step_tokens=40)
+    router = real_engine.router(policy, small_pair(real_engine, probe_skip=pattern, **changes))
+    trace = router.run(LIST_QUESTION)
+    steps = list(trace)
+    own = list(router._sides["small"].backend.tokens)
+    estimate = router.settings.estimator.from_logits
+    replay = real_engine.router(threshold(0.0), small_pair(real_engine, **changes))._sides["small"]
+    replay.start(LIST_QUESTION)
+    marked, gaps = 0, []
+    for k, step in enumerate(steps):
+        if step.h_init is None:
+            continue
+        replay.sync([s.text for s in steps[:k]])
+        assert list(replay.backend.tokens) == own[: len(replay.backend.tokens)]
+        marker, text = [], ""
+        for token in replay.continuation(step.text):
+            text += replay.backend.token_bytes(token).decode("utf-8", errors="ignore")
+            match = regex.compile(pattern).fullmatch(text, partial=True)
+            if match is None:
+                marker = []
+                break
+            marker.append(token)
+            if not match.partial:
+                break
+        if marker:
+            marked += 1
+            replay.backend.extend(marker)
+        gaps.append(abs(estimate(replay.backend.next_logits()) - step.h_init))
+        replay.backend.rewind(replay.context_len)
+    assert marked >= 3, [s.text for s in steps]
+    assert np.median(gaps) <= 0.05 and max(gaps) <= 0.3, gaps
+    if policy.name.startswith("random"):
+        assert {s.model for s in steps[:-1]} == {"small", "large"}, [(s.model, s.h_init) for s in steps]
+    assert trace.evaluated["small"] <= 1.05 * trace.context_tokens["small"] + sum(s.discarded_tokens for s in steps)
