@@ -331,3 +331,16 @@ def test_variants_get_their_own_taus_files_and_rivals(tmp_path):
     pairs = [(c.a.run.label, c.b.run.label) for c in tradeoff.comparisons(rows, records)]
     for variant in ("glimp skip 50%", "glimp by writer 50%"):
         assert [b for a, b in pairs if a == variant] == ["glimp 50%", "random ~ glimp 50%"]
+
+
+def test_trace_analysis_classifies_steps_and_pairs_each_probe_with_the_writer_before():
+    spec = importlib.util.spec_from_file_location("bench_traces", BENCH.parent / "traces.py")
+    traces = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(traces)
+    marker = __import__("re").compile(traces.DEFAULT_MARKER)
+    kinds = [traces.step_kind(t, marker, ("The answer is",)) for t in
+             ("2. Add them.", "- Then", "The answer is 5.", "16 - 3 = 13", "2.5 hours pass")]
+    assert kinds == ["list item", "list item", "answer", "other", "other"]
+    record = {"steps": [{"model": LARGE, "h_init": 1.7}, {"model": SMALL, "h_init": 0.1},
+                        {"model": LARGE, "h_init": 0.9}, {"model": LARGE, "h_init": None}]}
+    assert [(w, s["h_init"]) for w, s in traces.probed_steps(record)] == [(LARGE, 0.1), (SMALL, 0.9)]

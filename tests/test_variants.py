@@ -171,3 +171,17 @@ def test_tau_after_large_is_checked_and_keyed_only_when_set():
         apply_overrides(pair, {"tau_after_large": (float("nan"), "flag")})
     assert "tau_after_large" not in pair_settings(pair)
     assert pair_settings(PairSpec("p", "s", "l", tau_after_large=1.5))["tau_after_large"] == 1.5
+
+
+def test_both_variants_load_from_models_yaml_and_a_bad_pattern_names_file_and_key(tmp_path, isolated):
+    from glimp_cli.config import load_registry
+
+    config = tmp_path / "models.yaml"
+    config.write_text("pairs:\n  mine: {small: smollm2-135m, large: gemma3-270m, probe_skip: '\\s*\\d+\\.',"
+                      " tau_after_large: 1.25}\n", encoding="utf-8")
+    pair = load_registry(config).pair("mine")
+    assert (pair.probe_skip, pair.tau_after_large) == (r"\s*\d+\.", 1.25)
+    config.write_text("pairs:\n  mine: {small: smollm2-135m, large: gemma3-270m, probe_skip: '(\\d'}\n",
+                      encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"{config}: pairs.mine.probe_skip: not a regular expression"):
+        load_registry(config).pair("mine")
