@@ -128,7 +128,9 @@ def test_empty_question_is_a_usage_error():
     assert result.exit_code == 2 and "question is empty" in result.output
 
 
-@pytest.mark.parametrize("flag, value, needle", [("--top-p", "0", "top_p"), ("--estimator", "topk:1", "topk:1")])
+@pytest.mark.parametrize("flag, value, needle", [("--top-p", "0", "top_p"), ("--estimator", "topk:1", "topk:1"),
+                                                 ("--probe-skip", "(", "probe_skip: not a regular expression"),
+                                                 ("--tau-after-large", "nan", "tau_after_large")])
 def test_bad_flag_values_are_refused_before_loading(tmp_path, flag, value, needle):
     # A model that cannot be loaded: trying to load it first would give "not found" instead.
     config = write_config(tmp_path, "path: nowhere.gguf")
