@@ -492,7 +492,7 @@ class _TraceRun:
             limit = min(self.settings.max_step_tokens, budget)
             try:
                 if not self.answer_phase and self.policy.needs_probe:
-                    self.probe(costs)
+                    self.probe(costs, limit)
                 role = LARGE if self.answer_phase else self.policy(costs.h_init, self.rng)
                 if self.listener:
                     self.listener.step_started(costs.index, role, costs.h_init)
@@ -519,27 +519,28 @@ class _TraceRun:
         costs.prefill_seconds += perf_counter() - t0
         costs.prefill_tokens += n
 
-    def probe(self, costs: _StepCosts) -> None:
-        """H_init: the entropy of the small model's next-token distribution."""
+    def probe(self, costs: _StepCosts, limit: int) -> None:
+        """H_init: the entropy of the small model's next-token distribution (`limit`: the step's token limit)."""
         self.catch_up(self.small, costs)
         t0 = perf_counter()
         costs.logits = self.small.backend.next_logits()
         if self.router.probe_skip is not None:
-            self.probe_past(costs)
+            # The step needs one token of its own after a match, within its limit.
+            self.probe_past(costs, min(MAX_SKIP_TOKENS, limit - 1))
         costs.h_init = self.settings.estimator.from_logits(costs.logits)
         costs.probe_seconds = perf_counter() - t0
 
-    def probe_past(self, costs: _StepCosts) -> None:
+    def probe_past(self, costs: _StepCosts, max_tokens: int) -> None:
         """Read past a leading `probe_skip` match (e.g. "2."): H_init is then the entropy of the token after it.
 
         The small model draws tokens while their text can still become a match; on a whole match they
         stay in its context as the start of the step (kept if it writes the step, rewound otherwise).
         Text that can never match, or a match cut by the delimiter, the end of generation or
-        MAX_SKIP_TOKENS, leaves the paper's H_init of the first token, whose draw is kept.
+        `max_tokens`, leaves the paper's H_init of the first token, whose draw is kept.
         """
         backend, pattern = self.small.backend, self.router.probe_skip
         logits, drawn, data = costs.logits, [], b""
-        while len(drawn) < MAX_SKIP_TOKENS:
+        while len(drawn) < max_tokens:
             token = sample_token(logits, self.settings.sampling, self.rng)
             if not drawn:
                 costs.first = token
@@ -567,7 +568,8 @@ class _TraceRun:
             self.catch_up(self.small, costs)
             costs.logits = self.small.backend.next_logits()
         first = costs.first if costs.first is not None else sample_token(costs.logits, s.sampling, self.rng)
-        stop = self.router._stop(SMALL, limit, budget, policy.large_answers)
+        skipped = len(costs.skipped)  # tokens of the step the probe drew already count against its limits
+        stop = self.router._stop(SMALL, limit - skipped, budget - skipped, policy.large_answers)
         if costs.skipped_text and self.on_text:
             self.on_text(costs.skipped_text)
         written = self.small.backend.write(first, stop, s.sampling, self.rng, self.on_text,

@@ -109,6 +109,18 @@ def test_a_marker_that_never_ends_stops_at_the_token_limit():
     assert steps[0].discarded_tokens == MAX_SKIP_TOKENS
 
 
+def test_a_skipped_marker_counts_against_the_step_and_trace_limits():
+    script = [S(0.3, "2. add them all up", "2. ADD", after=(("2.", 0.2),)), ANSWER]
+    _, steps = run(fake_router(script, threshold(1.0), probe_skip=MARKER, max_step_tokens=5))
+    assert steps[0].h_init == pytest.approx(0.2, abs=1e-5) and steps[0].text == "2. ad"
+    assert steps[0].tokens == 5 and steps[0].stop_reason == "max_step_tokens"
+    # A limit that leaves no token after the marker: the probe does not read past it.
+    _, steps = run(fake_router(script, threshold(1.0), probe_skip=MARKER, max_step_tokens=2))
+    assert steps[0].h_init == pytest.approx(0.3, abs=1e-5) and steps[0].tokens == 2
+    trace, steps = run(fake_router(script, threshold(1.0), probe_skip=MARKER, max_tokens=4))
+    assert sum(s.tokens for s in steps) == 4 and trace.stop_reason == "max_tokens"
+
+
 def test_small_alone_records_the_skipped_h_init_and_large_alone_does_no_probe():
     script = [S(0.05, "1) add", "1) ADD", after=(("1)", 1.7),)), ANSWER]
     _, small = run(fake_router(script, always_small(), probe_skip=MARKER))
