@@ -383,6 +383,7 @@ class Trace:
             "estimator": str(self.router.settings.estimator),
             "delimiter": self.router.delimiter,
             "probe": self.router._sides[SMALL].probe_form if self.router.policy.needs_probe else None,
+            "probe_skip": self.router.probe_skip.pattern if self.router.probe_skip is not None else None,
             "stop_reason": self.stop_reason,
             "answer_text": self.answer_text,
             "steps": [step.to_dict() for step in self.steps],

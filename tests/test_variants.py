@@ -42,6 +42,7 @@ def test_a_list_number_is_read_past_and_the_next_token_decides():
     # The two marker tokens the small model drew were rewound: its context holds the large step only.
     assert steps[0].discarded_tokens == 2
     assert "2. ADD THEM\n\n" in small_text(router) and "2. add" not in small_text(router)
+    assert trace.to_dict()["probe_skip"] == MARKER and plain_trace.to_dict()["probe_skip"] is None
 
 
 def test_a_kept_marker_is_the_start_of_the_small_step_and_nothing_is_evaluated_twice():
