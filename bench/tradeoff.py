@@ -417,6 +417,7 @@ class TradeoffRow:
     gap: float | None  # (acc - small) / (large - small)
     bound: float | None  # the profile bound for its work / that for large alone's, same questions
     vs_bound: float | None  # (latency / large alone's) / bound
+    timed_with_large: bool = True  # each record timed under the same profile as large alone's record
 
 
 @dataclass(frozen=True)
@@ -440,32 +441,34 @@ def tradeoff_rows(runs: list[BenchRun], records: dict[str, list[dict]],
     """A row per run with records; `records` must already hold the same questions for every run.
 
     `rates_for(run label, question id)` gives the profile rates a record is bounded with (None: no bound).
+    Both bounds of a row are taken at the rates of the run's own records, so the machine's speed cancels
+    out of their ratio. A run whose records were not timed under the same profiles as large alone's (a
+    run added in a later session) gets no latency: wall times of different sessions are not a ratio.
     """
     large = next((records[r.label] for r in runs if r.family == "large"), [])
     stats = {r.label: run_row(records[r.label], large) for r in runs if records[r.label]}
     small_acc = next((stats[r.label].accuracy for r in runs if r.family == "small" and r.label in stats), None)
     large_acc = next((stats[r.label].accuracy for r in runs if r.family == "large" and r.label in stats), None)
     large_run = next((r for r in runs if r.family == "large" and r.label in stats), None)
-    large_ideal = _ideal_seconds(large_run, records, rates_for) if large_run else None
+    large_by_id = {r["id"]: r for r in records[large_run.label]} if large_run else {}
     rows = []
     for run in runs:
         if run.label not in stats:
             continue
         s = stats[run.label]
-        ideal = _ideal_seconds(run, records, rates_for)
-        bound = ideal / large_ideal if ideal is not None and large_ideal else None
+        rates = [rates_for(run.label, r["id"]) for r in records[run.label]]
+        together = large_run is not None and all(
+            rate is rates_for(large_run.label, r["id"]) for r, rate in zip(records[run.label], rates))
+        bound = None
+        if large_run is not None and rates and all(rate is not None for rate in rates):
+            ideal = sum(bound_seconds(r, rate) for r, rate in zip(records[run.label], rates))
+            large_ideal = sum(bound_seconds(large_by_id[r["id"]], rate) for r, rate in zip(records[run.label], rates))
+            bound = ideal / large_ideal if large_ideal else None
+        if not together:
+            s = dataclasses.replace(s, latency_vs_large=None)
         vs_bound = s.latency_vs_large / bound if bound and s.latency_vs_large is not None else None
-        rows.append(TradeoffRow(run, s, recovered_gap(s.accuracy, small_acc, large_acc), bound, vs_bound))
+        rows.append(TradeoffRow(run, s, recovered_gap(s.accuracy, small_acc, large_acc), bound, vs_bound, together))
     return rows
-
-
-def _ideal_seconds(run: BenchRun, records: dict[str, list[dict]],
-                   rates_for: Callable[[str, str], Rates | None]) -> float | None:
-    """The seconds a run's records' work takes at the rates each was timed under; None if any has none."""
-    rates = [rates_for(run.label, r["id"]) for r in records[run.label]]
-    if not rates or any(rate is None for rate in rates):
-        return None
-    return sum(bound_seconds(r, rate) for r, rate in zip(records[run.label], rates))
 
 
 def comparisons(rows: list[TradeoffRow], records: dict[str, list[dict]]) -> list[Comparison]:
@@ -541,7 +544,8 @@ def pair_cells(c: Comparison) -> list[str]:
 
 def render_tables(rows: list[TradeoffRow], pairs: list[Comparison], n: int) -> list[Table]:
     main = Table(title=f"accuracy for large-model tokens, {n} questions finished by every run", title_justify="left",
-                 show_edge=False, caption="vs large: latency / large alone's, ratio of sums · recovered gap: "
+                 show_edge=False, caption="vs large: latency / large alone's, ratio of sums (- : not timed in the "
+                 "same session as large alone) · recovered gap: "
                  "(acc - small) / (large - small) · bound vs large: the glimp profile bound for the run's own "
                  "decode, prefill and probe work / that for large alone's · measured / bound: vs large / bound",
                  caption_justify="left")
@@ -564,6 +568,10 @@ def markdown(rows: list[TradeoffRow], pairs: list[Comparison], n: int, note: str
         return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
             "| " + " | ".join(cells) + " |" for cells in lines]
 
+    untimed = [r.run.label for r in rows if not r.timed_with_large]
+    if untimed:
+        note += (f" {', '.join(untimed)}: run in a later session than large alone, so no latency ratio (-); "
+                 "its bound is at its own rates for both.")
     return "\n".join([f"{n} questions finished by every run. {note}", ""]
                      + table(ROW_COLUMNS, [row_cells(r) for r in rows]) + [""]
                      + table(PAIR_COLUMNS, [pair_cells(c) for c in pairs])) + "\n"

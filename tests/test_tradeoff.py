@@ -344,3 +344,20 @@ def test_trace_analysis_classifies_steps_and_pairs_each_probe_with_the_writer_be
     record = {"steps": [{"model": LARGE, "h_init": 1.7}, {"model": SMALL, "h_init": 0.1},
                         {"model": LARGE, "h_init": 0.9}, {"model": LARGE, "h_init": None}]}
     assert [(w, s["h_init"]) for w, s in traces.probed_steps(record)] == [(LARGE, 0.1), (SMALL, 0.9)]
+
+
+def test_a_run_timed_in_another_session_than_large_alone_gets_a_bound_but_no_latency(tmp_path):
+    runs = runs_in(tmp_path)
+    by = {r.family: r for r in runs}
+    later = Rates(ModelRates(100.0, 400.0, 40), ModelRates(50.0, 200.0, 40), 0.005)  # a faster machine
+    records = {r.label: [record(str(i), r.mode, True, 1.0 if r.family == "glimp" else 4.0, tokens=(40, 20),
+                                evaluated={SMALL: 50, LARGE: 30}, steps=(1, 1)) for i in (1, 2)] for r in runs}
+    # large alone and every run but glimp were timed under RATES; glimp, later, under `later`.
+    rows = {r.run.family: r for r in tradeoff.tradeoff_rows(
+        runs, records, lambda label, qid: later if label == by["glimp"].label else RATES)}
+    glimp, random = rows["glimp"], rows["random"]
+    assert not glimp.timed_with_large and glimp.stats.latency_vs_large is None and glimp.vs_bound is None
+    # Its bound relates its work to large alone's at its own rates: the same work is 1 whatever the machine.
+    assert glimp.bound == pytest.approx(1.0)
+    assert random.timed_with_large and random.stats.latency_vs_large == pytest.approx(1.0)
+    assert tradeoff.row_cells(glimp)[5] == "-"
