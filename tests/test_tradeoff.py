@@ -361,3 +361,21 @@ def test_a_run_timed_in_another_session_than_large_alone_gets_a_bound_but_no_lat
     assert glimp.bound == pytest.approx(1.0)
     assert random.timed_with_large and random.stats.latency_vs_large == pytest.approx(1.0)
     assert tradeoff.row_cells(glimp)[5] == "-"
+    # A resume that split one question of two between profiles still leaves the run timed with large alone
+    # when most of its questions were; here one of two is not most.
+    split = {r.run.family: r for r in tradeoff.tradeoff_rows(
+        runs, records, lambda label, qid: later if (label, qid) == (by["glimp"].label, "1") else RATES)}["glimp"]
+    assert not split.timed_with_large
+    three = {label: recs + [dict(recs[0], id="3")] for label, recs in records.items()}
+    split = {r.run.family: r for r in tradeoff.tradeoff_rows(
+        runs, three, lambda label, qid: later if (label, qid) == (by["glimp"].label, "1") else RATES)}["glimp"]
+    assert split.timed_with_large and split.stats.latency_vs_large is not None
+
+
+def test_only_keeps_the_named_runs_and_refuses_a_random_run_without_its_glimp_run(tmp_path):
+    runs = runs_in(tmp_path)
+    assert [r.label for r in tradeoff.only_runs(runs, "large alone, glimp 50%")] == ["large alone", "glimp 50%"]
+    with pytest.raises(tradeoff.UsageError, match="'glimp 5%': not a run of this plan"):
+        tradeoff.only_runs(runs, "glimp 5%")
+    with pytest.raises(tradeoff.UsageError, match="name that run too"):
+        tradeoff.only_runs(runs, "random ~ glimp 50%")
