@@ -530,6 +530,20 @@ def test_settings_to_write_compares_the_large_model_only_where_it_shaped_the_ste
     assert cal.settings_to_write(PAIR, sampled, uses_large=True) == {"temperature": (0.0, 0.6)}
 
 
+def test_a_tau_measured_with_probe_skip_is_written_with_it_and_traces_without_it_still_calibrate() -> None:
+    skipping = replace(PAIR, probe_skip=r"\d+\.")
+    measured = cal.measured_by_run(skipping, "questions.jsonl")
+    assert measured.settings["probe_skip"] == r"\d+\."
+    # --write to a pair that probes the first token: the tau is stored with the probe it was measured by.
+    assert cal.settings_to_write(PAIR, measured, uses_large=False) == {"probe_skip": (None, r"\d+\.")}
+    record = cal.calibration_record(measured, 1.2, 40, 0.35)
+    assert record["probe_skip"] == r"\d+\." and "probe_skip" not in cal.calibration_record(
+        cal.measured_by_run(PAIR, "questions.jsonl"), 1.2, 40, 0.35)
+    # Traces written before probe_skip existed record no such key: that means it was unset, not unknown.
+    plain = cal.recorded_settings(pair_settings(PAIR))
+    assert plain["probe_skip"] is None and "probe_skip" in cal.UNSET_MEANS_NONE
+
+
 @pytest.mark.parametrize("calibration, problem", [
     ({"tau": 1.0, "steps": 10, "colour": "red"}, "calibration: unknown key 'colour'"),
     ({"tau": 1.0}, "calibration: missing key 'steps'"),
