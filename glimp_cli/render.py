@@ -121,5 +121,6 @@ def registry_tables(registry) -> list[Table]:
         pairs.add_row(label, p.small, p.large,
                       f"tau {p.tau:g}, estimator {p.estimator}, temperature {p.temperature:g}, "
                       f"top_p {p.top_p:g}, max_tokens {p.max_tokens}, max_step_tokens {p.max_step_tokens}"
-                      + (f", probe_skip {p.probe_skip!r}" if p.probe_skip is not None else ""))
+                      + (f", probe_skip {p.probe_skip!r}" if p.probe_skip is not None else "")
+                      + (f", tau_after_large {p.tau_after_large:g}" if p.tau_after_large is not None else ""))
     return [models, pairs]
