@@ -198,3 +198,16 @@ def test_both_variants_load_from_models_yaml_and_a_bad_pattern_names_file_and_ke
                       encoding="utf-8")
     with pytest.raises(ConfigError, match=rf"{config}: pairs.mine.probe_skip: not a regular expression"):
         load_registry(config).pair("mine")
+
+
+def test_glimp_models_shows_the_variant_settings_of_a_pair(tmp_path, isolated):
+    from typer.testing import CliRunner
+
+    from glimp_cli.cli import app
+
+    config = tmp_path / "models.yaml"
+    config.write_text("pairs:\n  mine: {small: smollm2-135m, large: gemma3-270m, probe_skip: '\\d+\\.',"
+                      " tau_after_large: 1.25}\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["models", "--config", str(config)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "probe_skip '\\\\d+\\\\.'" in result.output and "tau_after_large 1.25" in result.output
