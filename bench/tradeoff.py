@@ -226,6 +226,40 @@ def drafts_pair(pair: PairSpec) -> PairSpec:
     return dataclasses.replace(pair, mode="step_entropy", step_entropy_threshold=math.inf)
 
 
+def _small_alone_values(questions: list[Question], pair: PairSpec, make_router: Callable | None, cal_dir: Path,
+                        what: str, say: Callable[[str], None]) -> tuple[float, ...]:
+    """H_init of the small model's own steps on `questions` (run into `cal_dir` first unless `make_router` is None)."""
+    if make_router is not None:
+        cal_dir.mkdir(parents=True, exist_ok=True)
+        result = calibrate.run_calibration(
+            questions, pair, make_router, cal_dir,
+            progress=lambda run, pending: say(f"calibration, {what or run.label}: {pending} of {len(questions)} "
+                                              f"questions to run into {run.path}"))
+        if result.interrupted:
+            raise KeyboardInterrupt
+    path = calibrate.recording_run(cal_dir).path
+    ids = {q.id for q in questions}
+    _check_complete(path, "small", ids)
+    return calibrate.distribution_from_traces(path, SMALL, ids).values
+
+
+def _recorded_run(path: Path, questions: list[Question], mode: str, settings: dict, policy, make_router: Callable | None,
+                  what: str, say: Callable[[str], None]) -> None:
+    """One calibration run of `policy` into `path` (resumed; nothing runs when `make_router` is None), then checked complete."""
+    if make_router is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out, done = ResultsFile.open(path, resume=True, settings_key=settings, questions=questions)
+        with out:
+            pending = sum((q.id, mode) not in done for q in questions)
+            if pending:
+                say(f"calibration, {what}: {pending} of {len(questions)} questions to run into {path}")
+            result = run_batch(lambda m, recorded: make_router(policy), questions, [mode], out, done,
+                               lambda m: settings)
+        if result.interrupted:
+            raise KeyboardInterrupt
+    _check_complete(path, mode, {q.id for q in questions})
+
+
 def calibrate_thresholds(questions: list[Question], pair: PairSpec, make_router: Callable | None, cal_dir: Path,
                          shares: tuple, adaptive_share: float, taus: list[float] | None = None,
                          say: Callable[[str], None] = lambda line: None,
@@ -236,21 +270,9 @@ def calibrate_thresholds(questions: list[Question], pair: PairSpec, make_router:
     The scoring run takes `draft_questions` (default: the same questions). With `make_router` None
     nothing runs: both runs must already be complete in `cal_dir`.
     """
-    if make_router is not None:
-        cal_dir.mkdir(parents=True, exist_ok=True)
-    ids = {q.id for q in questions}
     tau_of = dict(zip(shares, taus)) if taus else {}
     if not taus or adaptive_share not in tau_of:
-        if make_router is not None:
-            result = calibrate.run_calibration(
-                questions, pair, make_router, cal_dir,
-                progress=lambda run, pending: say(f"calibration, {run.label}: {pending} of {len(questions)} "
-                                                  f"questions to run into {run.path}"))
-            if result.interrupted:
-                raise KeyboardInterrupt
-        path = calibrate.recording_run(cal_dir).path
-        _check_complete(path, "small", ids)
-        values = calibrate.distribution_from_traces(path, SMALL, ids).values
+        values = _small_alone_values(questions, pair, make_router, cal_dir, "", say)
         tau_of = tau_of or {s: calibrate.tau_for_share(values, s) for s in shares}
         adaptive_tau = tau_of[adaptive_share] if adaptive_share in tau_of else calibrate.tau_for_share(values, adaptive_share)
     else:
@@ -258,20 +280,9 @@ def calibrate_thresholds(questions: list[Question], pair: PairSpec, make_router:
     drafts = drafts_pair(pair)
     path = cal_dir / "drafts.jsonl"
     questions = questions if draft_questions is None else draft_questions
-    ids = {q.id for q in questions}
-    if make_router is not None:
-        settings = {**pair_settings(drafts), "large_share": None}
-        out, done = ResultsFile.open(path, resume=True, settings_key=settings, questions=questions)
-        with out:
-            pending = sum((q.id, drafts.mode) not in done for q in questions)
-            if pending:
-                say(f"calibration, scored drafts: {pending} of {len(questions)} questions to run into {path}")
-            result = run_batch(lambda mode, recorded: make_router(pair_policy(drafts)), questions, [drafts.mode],
-                               out, done, lambda mode: settings)
-        if result.interrupted:
-            raise KeyboardInterrupt
-    _check_complete(path, drafts.mode, ids)
-    entropies, perplexities = draft_scores(path, ids)
+    _recorded_run(path, questions, drafts.mode, {**pair_settings(drafts), "large_share": None}, pair_policy(drafts),
+                  make_router, "scored drafts", say)
+    entropies, perplexities = draft_scores(path, {q.id for q in questions})
     if not entropies:
         raise InputError(f"{path}: no scored small-model drafts to pick step thresholds from")
     step_shares = shares if step_shares is None else step_shares
@@ -282,40 +293,17 @@ def calibrate_thresholds(questions: list[Question], pair: PairSpec, make_router:
 def calibrate_after_large_taus(questions: list[Question], pair: PairSpec, make_router: Callable | None,
                                path: Path, shares: tuple, say: Callable[[str], None] = lambda line: None) -> dict:
     """Taus for steps after a large one: from H_init probed after every step of large alone (--probe-baseline)."""
-    ids = {q.id for q in questions}
-    if make_router is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        settings = {**pair_settings(dataclasses.replace(pair, mode="large")), "large_share": None,
-                    "probe_baseline": True}
-        out, done = ResultsFile.open(path, resume=True, settings_key=settings, questions=questions)
-        with out:
-            pending = sum((q.id, "large") not in done for q in questions)
-            if pending:
-                say(f"calibration, H_init after large steps: {pending} of {len(questions)} questions to run into {path}")
-            result = run_batch(lambda mode, recorded: make_router(always_large(probe=True)), questions, ["large"],
-                               out, done, lambda mode: settings)
-        if result.interrupted:
-            raise KeyboardInterrupt
-    _check_complete(path, "large", ids)
-    values = calibrate.distribution_from_traces(path, "large", ids).values
+    settings = {**pair_settings(dataclasses.replace(pair, mode="large")), "large_share": None, "probe_baseline": True}
+    _recorded_run(path, questions, "large", settings, always_large(probe=True), make_router,
+                  "H_init after large steps", say)
+    values = calibrate.distribution_from_traces(path, "large", {q.id for q in questions}).values
     return {s: calibrate.tau_for_share(values, s) for s in shares}
 
 
 def calibrate_skip_taus(questions: list[Question], pair: PairSpec, make_router: Callable | None, cal_dir: Path,
                         shares: tuple, say: Callable[[str], None] = lambda line: None) -> dict:
     """Taus of `pair`'s own probe (its probe_skip) from a small-alone run of its own in `cal_dir`."""
-    if make_router is not None:
-        cal_dir.mkdir(parents=True, exist_ok=True)
-        result = calibrate.run_calibration(
-            questions, pair, make_router, cal_dir,
-            progress=lambda run, pending: say(f"calibration, probe_skip {pair.probe_skip!r}: {pending} of "
-                                              f"{len(questions)} questions to run into {run.path}"))
-        if result.interrupted:
-            raise KeyboardInterrupt
-    path = calibrate.recording_run(cal_dir).path
-    ids = {q.id for q in questions}
-    _check_complete(path, "small", ids)
-    values = calibrate.distribution_from_traces(path, SMALL, ids).values
+    values = _small_alone_values(questions, pair, make_router, cal_dir, f"probe_skip {pair.probe_skip!r}", say)
     return {s: calibrate.tau_for_share(values, s) for s in shares}
 
 
