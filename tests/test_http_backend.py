@@ -727,6 +727,25 @@ def test_concurrency_above_one_with_a_local_model_is_a_usage_error(tmp_path):
 
 READY_SECONDS = 90  # a server answering GET /v1/models
 RUN_SECONDS = 240  # one CLI run in a subprocess
+
+
+def batch_killed_after_first_result(args: list[str], out: Path, kill) -> tuple[int, str, str]:
+    """Run `glimp batch args` in a subprocess, call `kill()` once `out` holds a result line, and wait for it to end."""
+    proc = subprocess.Popen([sys.executable, "-m", "glimp_cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + RUN_SECONDS
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 1):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no result line in time"
+            time.sleep(0.05)
+        kill()
+        stdout, stderr = proc.communicate(timeout=RUN_SECONDS)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, stdout, stderr
 K = 20
 QUESTIONS = [
     {"id": f"q{i}", "question": q, "answer": a}
@@ -1001,21 +1020,8 @@ def test_killing_the_large_server_mid_batch_then_resume(servers, ggufs, smollm2_
         out = tmp_path / "r.jsonl"
         args = ["batch", str(questions), "-o", str(out), "--config", str(config), "--pair", "remote",
                 "--mode", "glimp", "--tau", "2.0"]
-        proc = subprocess.Popen([sys.executable, "-m", "glimp_cli", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + RUN_SECONDS
-            while not (out.exists() and out.read_bytes().count(b"\n") >= 1):
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "no result line in time"
-                time.sleep(0.05)
-            large.kill()
-            stdout, stderr = proc.communicate(timeout=RUN_SECONDS)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == 1, (stdout, stderr)
+        returncode, stdout, stderr = batch_killed_after_first_result(args, out, large.kill)
+        assert returncode == 1, (stdout, stderr)
         errors = [line for line in stderr.splitlines() if line.startswith("glimp: error:")]
         assert len(errors) == 1, stderr
         assert "'gemma-remote'" in errors[0] and large.url in errors[0], errors

@@ -26,9 +26,9 @@ from glimp_cli.config import ModelSpec
 from glimp_cli.entropy import parse_estimator, topk_entropy, topk_entropy_from_logprobs
 from glimp_cli.policies import always_large, always_small
 from glimp_cli.router import ModelSlot, RouteSettings, Router
-from test_http_backend import (K, PLAIN, QUESTIONS, RUN_SECONDS, clean_env, ggufs, results,  # noqa: F401
-                               runner, smollm2_boundaries, smollm2_chat_steps, write_config,
-                               write_questions)
+from test_http_backend import (K, PLAIN, QUESTIONS, batch_killed_after_first_result,  # noqa: F401
+                               clean_env, ggufs, results, runner, smollm2_boundaries, smollm2_chat_steps,
+                               write_config, write_questions)
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("glimp_engines", REPO / "tools" / "engines.py")
@@ -249,21 +249,8 @@ def test_a_large_model_split_over_two_rpc_workers_survives_a_killed_worker_with_
         out = tmp_path / "r.jsonl"
         args = ["batch", str(questions), "-o", str(out), "--config", str(config), "--pair", "mixed",
                 "--mode", "glimp", "--tau", "2.0"]
-        proc = subprocess.Popen([sys.executable, "-m", "glimp_cli", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + RUN_SECONDS
-            while not (out.exists() and out.read_bytes().count(b"\n") >= 1):
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "no result line in time"
-                time.sleep(0.05)
-            workers[1].kill()
-            stdout, stderr = proc.communicate(timeout=RUN_SECONDS)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == 1, (stdout, stderr)
+        returncode, stdout, stderr = batch_killed_after_first_result(args, out, workers[1].kill)
+        assert returncode == 1, (stdout, stderr)
         errors = [line for line in stderr.splitlines() if line.startswith("glimp: error:")]
         assert len(errors) == 1, stderr
         assert "'gemma-remote'" in errors[0] and url(large) in errors[0], errors
