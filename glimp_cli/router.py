@@ -11,7 +11,7 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 
 from glimp_cli.backends.base import Backend, ContextFull, StepStop, Written
-from glimp_cli.config import PromptFormat
+from glimp_cli.config import PromptFormat, compile_probe_skip
 from glimp_cli.entropy import EstimatorSpec
 from glimp_cli.errors import ConfigError, ContextLimitError, UsageError
 from glimp_cli.policies import LARGE, SMALL, DraftScore, Policy, Role
@@ -411,8 +411,6 @@ class Router:
         self._sides = {SMALL: _side(small, settings, policy), LARGE: _side(large, settings, policy)}
         self.probe_skip = None
         if settings.probe_skip is not None and policy.needs_probe:
-            from glimp_cli.config import compile_probe_skip
-
             self.probe_skip = compile_probe_skip(settings.probe_skip, "probe_skip")
             if isinstance(self._sides[SMALL], _TextSide):
                 raise ConfigError(
