@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import dataclasses
 import json
@@ -64,7 +63,7 @@ TopPOpt = typer.Option(None, "--top-p", envvar="GLIMP_TOP_P", help="Nucleus samp
 SeedOpt = typer.Option(None, "--seed", envvar="GLIMP_SEED", help="Seed for sampling and the random policy.")
 MaxTokOpt = typer.Option(None, "--max-tokens", envvar="GLIMP_MAX_TOKENS", help="Token budget of the whole trace.")
 MaxStepOpt = typer.Option(None, "--max-step-tokens", envvar="GLIMP_MAX_STEP_TOKENS", help="Token limit of one step.")
-DelimOpt = typer.Option(None, "--delimiter", envvar="GLIMP_DELIMITER", help="Step delimiter; escapes such as \\n are read (default: a blank line).")
+DelimOpt = typer.Option(None, "--delimiter", envvar="GLIMP_DELIMITER", help="Step delimiter; the escapes \\n \\t \\r \\\\ \\xHH \\uXXXX are read, other characters kept as typed (default: a blank line).")
 SkipOpt = typer.Option(None, "--probe-skip", envvar="GLIMP_PROBE_SKIP", help="Regex of leading step text (e.g. a list number) the probe reads past: H_init is the entropy of the token after it (in-process small model only).")
 AfterLargeOpt = typer.Option(None, "--tau-after-large", envvar="GLIMP_TAU_AFTER_LARGE", help="glimp's tau for a step that follows a large-model step (default: tau for every step).")
 EstOpt = typer.Option(None, "--estimator", envvar="GLIMP_ESTIMATOR", help="H_init estimator: exact (full vocabulary) or topk:K.")
@@ -82,11 +81,19 @@ def _overrides(ctx: typer.Context, values: dict[str, Any]) -> dict[str, tuple[An
         # Compared by name: typer may carry its own copy of click's ParameterSource enum.
         origin = "environment" if getattr(source, "name", "") == "ENVIRONMENT" else "flag"
         if key == "delimiter":
-            value = codecs.decode(value, "unicode_escape")
+            from glimp_cli.config import parse_delimiter
+
+            value = parse_delimiter(value, _named(ctx, key, origin))
         if isinstance(value, Enum):
             value = value.value
         out[key] = (value, origin)
     return out
+
+
+def _named(ctx: typer.Context, key: str, origin: str) -> str:
+    """How the user gave parameter `key`: its flag (`--delimiter`) or its variable (`GLIMP_DELIMITER`)."""
+    param = next(p for p in ctx.command.params if p.name == key)
+    return param.envvar if origin == "environment" else param.opts[0]
 
 
 def _resolve(ctx: typer.Context, config: Optional[Path], pair_name: Optional[str], values: dict, verbose: bool):

@@ -413,6 +413,37 @@ def check_pair_values(spec: PairSpec, where) -> None:
         compile_probe_skip(spec.probe_skip, where("probe_skip"))
 
 
+# The escapes a delimiter may be written with; any other backslash is a mistake, never kept as a literal.
+DELIMITER_ESCAPE = re.compile(r"\\(?:([ntr\\])|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8}))")
+SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+BAD_ESCAPE = re.compile(r"\\(?:[xuU][0-9a-fA-F]*|.)?", re.DOTALL)  # what to quote in the error
+ESCAPE_HELP = r"write \n, \t, \r, \\ (a backslash), \xHH, \uXXXX or \UXXXXXXXX"
+
+
+def parse_delimiter(text: str, where: str) -> str:
+    """A delimiter as typed (`\\n\\n`, `\\u2192`, `→`): its escapes read, every other character kept as it is."""
+    out, i = [], 0
+    while (j := text.find("\\", i)) >= 0:
+        out.append(text[i:j])
+        match = DELIMITER_ESCAPE.match(text, j)
+        if match is None:
+            bad = BAD_ESCAPE.match(text, j).group()
+            what = f"a lone '{bad}' at the end" if bad == "\\" else f"bad escape '{bad}'"
+            raise ConfigError(f"{where}: {what} ({ESCAPE_HELP})")
+        simple, *hex_digits = match.groups()
+        if simple:
+            out.append(SIMPLE_ESCAPES[simple])
+        else:
+            code = int(next(h for h in hex_digits if h), 16)
+            # A lone surrogate cannot be encoded to UTF-8 like the models' text; past U+10FFFF is no character.
+            if 0xD800 <= code <= 0xDFFF or code > 0x10FFFF:
+                raise ConfigError(f"{where}: '{match.group()}' is not a character")
+            out.append(chr(code))
+        i = match.end()
+    out.append(text[i:])
+    return "".join(out)
+
+
 def compile_probe_skip(pattern: str, where: str):
     """The compiled `probe_skip` regex; it must compile and must not match the empty text."""
     import regex

@@ -145,6 +145,29 @@ def test_bad_flag_values_are_refused_before_loading(tmp_path, flag, value, needl
     assert result.returncode == 1 and needle in result.stderr + result.stdout, (result.stdout, result.stderr)
 
 
+def test_a_delimiter_arrives_as_written_and_a_bad_escape_is_one_line(tmp_path, monkeypatch, isolated):
+    from glimp_cli.engine import Engine
+    from glimp_cli.errors import ModelError
+
+    loaded = []
+
+    def load(cls, registry, pair, roles):
+        loaded.append(pair.delimiter)
+        raise ModelError("stopped by the test before loading models")
+
+    monkeypatch.setattr(Engine, "load", classmethod(load))
+    config = write_config(tmp_path, "path: nowhere.gguf")
+    ask = ["ask", QUESTION, "--config", str(config)]
+    result = runner.invoke(app, [*ask, "--delimiter", "→", "--verbose"])
+    assert loaded == ["→"] and "delimiter = '→'  (flag)" in result.output, result.output
+    result = runner.invoke(app, ask, env={"GLIMP_DELIMITER": "\\u2192\\n"})
+    assert loaded[-1] == "→\n", result.output
+    # A malformed escape names the option or variable it came from, before any model loads.
+    one_line_error(runner.invoke(app, [*ask, "--delimiter", "\\x"]), "--delimiter: bad escape '\\x'")
+    one_line_error(runner.invoke(app, ask, env={"GLIMP_DELIMITER": "\\u12"}), "GLIMP_DELIMITER: bad escape '\\u12'")
+    assert len(loaded) == 2
+
+
 def test_models_lists_a_broken_entry_with_its_error(tmp_path):
     config = tmp_path / "models.yaml"
     config.write_text("models:\n  broken-one:\n    source: {path: a.gguf}\n    n_ctx: -3\n")

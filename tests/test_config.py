@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from glimp_cli.cli import app
-from glimp_cli.config import PairSpec, apply_overrides, load_registry
+from glimp_cli.config import PairSpec, apply_overrides, load_registry, parse_delimiter
 from glimp_cli.errors import ConfigError
 
 PAIR_YAML = """\
@@ -99,3 +99,25 @@ def test_nan_from_the_environment_is_refused_too(no_models) -> None:
     result = CliRunner().invoke(app, ["ask", "What is 2+2?"], env={"GLIMP_TAU": "nan"})
     assert result.exit_code == 1
     assert result.stderr.strip() == "glimp: error: environment value for tau: must be a number (inf and -inf are allowed), not NaN"
+
+
+@pytest.mark.parametrize("written, meant", [
+    ("\\n", "\n"), ("\\n\\n", "\n\n"), ("\\t", "\t"), ("\\r\\n", "\r\n"),
+    ("\\\\", "\\"), ("\\\\n", "\\n"),  # an escaped backslash, then a plain n
+    ("\\x41", "A"), ("\\u2192", "→"), ("\\U0001F600", "😀"), ("\\u12345", "\u1234" + "5"),
+    ("→", "→"), ("é\\n", "é\n"), ("😀", "😀"), ("Step:", "Step:"), ("\n", "\n"),  # kept as they are
+])
+def test_a_delimiter_reads_the_usual_escapes_and_keeps_every_other_character(written: str, meant: str) -> None:
+    assert parse_delimiter(written, "--delimiter") == meant
+
+
+@pytest.mark.parametrize("written, bad", [
+    ("\\x", "'\\x'"), ("\\xZ1", "'\\x'"), ("\\x4", "'\\x4'"), ("\\u12", "'\\u12'"), ("\\U0001F6", "'\\U0001F6'"),
+    ("\\q", "'\\q'"), ("\\0", "'\\0'"), ("end\\", "'\\' at the end"),
+    ("\\ud800", "'\\ud800' is not a character"), ("\\U00110000", "'\\U00110000' is not a character"),
+])
+def test_a_malformed_escape_in_a_delimiter_is_one_line_naming_where_it_came_from(written: str, bad: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_delimiter(written, "GLIMP_DELIMITER")
+    message = str(err.value)
+    assert message.startswith("GLIMP_DELIMITER: ") and bad in message and "\n" not in message, message
