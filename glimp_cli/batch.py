@@ -49,8 +49,8 @@ PROBED = "probed (not a baseline)"
 def pair_settings(pair: PairSpec) -> dict:
     """The run settings every record of one results file shares (the resume key).
 
-    `probe_skip` and `tau_after_large` are there only when set, so results written before they
-    existed keep their key.
+    `probe_skip` and `tau_after_large` are there only when set, and `forced_answer_tokens` only when
+    answers are forced, so results written before they existed keep their key (and mean what they did).
     """
     settings = {
         "pair": pair.name,
@@ -69,6 +69,8 @@ def pair_settings(pair: PairSpec) -> dict:
     for key in ("probe_skip", "tau_after_large"):
         if getattr(pair, key) is not None:
             settings[key] = getattr(pair, key)
+    if pair.forced_answer_tokens:
+        settings["forced_answer_tokens"] = pair.forced_answer_tokens
     return settings
 
 
@@ -135,6 +137,7 @@ def result_record(question: Question, trace: Trace, mode: str, settings: dict) -
         "extracted": extracted,
         "correct": grade(extracted, question.reference),
         "stop_reason": data["stop_reason"],
+        "forced_answer": data["forced_answer"],
         "model_steps": summary["steps"],
         **{key: value for key, value in summary.items() if key != "steps"},
         "timing": timing,

@@ -145,6 +145,9 @@ class PairSpec:
     probe_skip: str | None = None
     # glimp's tau for a step that follows a large-model step; None routes every step at tau.
     tau_after_large: float | None = None
+    # Tokens the answering model gets to state an answer after the marker, when a trace ended without
+    # one (a loop, max_tokens, a full context); 0 never forces an answer.
+    forced_answer_tokens: int = 32
     calibration: CalibrationRecord | None = None  # written by `glimp calibrate --write`
 
 
@@ -407,6 +410,8 @@ def check_pair_values(spec: PairSpec, where) -> None:
     for key in ("max_tokens", "max_step_tokens"):
         if getattr(spec, key) < 1:
             raise ConfigError(f"{where(key)}: must be a positive integer")
+    if spec.forced_answer_tokens < 0:
+        raise ConfigError(f"{where('forced_answer_tokens')}: must be an integer >= 0 (0: never force an answer)")
     if spec.tau_after_large is not None and math.isnan(spec.tau_after_large):
         raise ConfigError(f"{where('tau_after_large')}: must be a number (inf and -inf are allowed), not NaN")
     if spec.probe_skip is not None:

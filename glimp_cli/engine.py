@@ -22,6 +22,7 @@ def route_settings(pair: PairSpec) -> RouteSettings:
         max_tokens=pair.max_tokens,
         max_step_tokens=pair.max_step_tokens,
         probe_skip=pair.probe_skip,
+        forced_answer_tokens=pair.forced_answer_tokens,
     )
 
 

@@ -44,6 +44,7 @@ class Step:
     discarded_tokens: int  # small-model draft tokens thrown away (answer handover, rejected draft)
     stop_reason: str
     draft_signal: "DraftScore | None" = None  # step-level signals of the small draft (draft policies)
+    forced: str | None = None  # a forced answer: why the trace had ended without one (see force_answer)
 
     @property
     def seconds(self) -> float:
@@ -74,6 +75,9 @@ class RouteSettings:
     max_tokens: int = 1024
     max_step_tokens: int = 256
     probe_skip: str | None = None  # regex of leading step text H_init is read past (see probe_past)
+    # A trace that ends without an answer gets the answer marker and this many tokens to state one
+    # (0: never); they come on top of max_tokens.
+    forced_answer_tokens: int = 32
 
 
 @dataclass
@@ -188,6 +192,26 @@ class _Side:
         """Tokens this model evaluated since `start`."""
         return self.backend.evaluated - self.evaluated_at_start
 
+    def append_answer_marker(self, marker: str, room: int) -> int:
+        """End the context with a delimiter and `marker`, leaving `room` tokens to answer in; returns tokens evaluated.
+
+        A context too full for that loses the end of its trace (never the prompt) to make room.
+        """
+        delim = list(self.delim_tokens)
+        tokens = list(self.backend.tokens)
+        lead = [] if tuple(tokens[len(tokens) - len(delim):]) == self.delim_tokens else delim
+        ask = self.continuation(marker)
+        over = len(tokens) + len(lead) + len(ask) + room - self.backend.n_ctx
+        if over > 0:
+            keep = len(tokens) - over - len(delim)
+            if keep < len(self.header()):
+                raise ContextFull(f"{self.backend.name}: no room for the answer marker")
+            self.backend.rewind(keep)
+            lead = delim
+        self.backend.extend(lead + ask)
+        self.context_len = len(self.backend.tokens)
+        return len(lead) + len(ask)
+
     def drop_draft(self) -> None:
         """Forget what `write` added after the settled context (a rejected or handed-over draft)."""
         self.backend.rewind(self.context_len)
@@ -267,6 +291,12 @@ class _TextSide:
     def final_length(self, texts: Sequence[str]) -> None:
         return None
 
+    def append_answer_marker(self, marker: str, room: int) -> int:
+        """End the text with a delimiter and `marker` (the server has the context's limit; returns 0)."""
+        text = self.backend.text
+        self._set((text if text.endswith(self.delimiter) else text + self.delimiter) + marker)
+        return 0
+
     def evaluated_tokens(self) -> None:
         return None
 
@@ -321,6 +351,7 @@ class Trace:
         self.listener = listener
         self.steps: list[Step] = []
         self.stop_reason: str | None = None
+        self.forced_answer: str | None = None  # why the answer was forced (the stop reason before it), if it was
         self.evaluated: dict[str, int] = {}
         self.context_tokens: dict[str, int] = {}
         self.wall_seconds = 0.0
@@ -385,6 +416,7 @@ class Trace:
             "probe": self.router._sides[SMALL].probe_form if self.router.policy.needs_probe else None,
             "probe_skip": self.router.probe_skip.pattern if self.router.probe_skip is not None else None,
             "stop_reason": self.stop_reason,
+            "forced_answer": self.forced_answer,
             "answer_text": self.answer_text,
             "steps": [step.to_dict() for step in self.steps],
             "summary": self.summary(),
@@ -481,13 +513,14 @@ class _TraceRun:
         self.answer_phase = False  # the small model handed the answer over: the large model writes on
 
     def steps(self) -> Iterator[Step]:
-        while True:
+        end = None
+        while end is None:
             costs = _StepCosts(len(self.trace.steps))
             budget = self.settings.max_tokens - self.generated
             if budget <= 0:
                 # The last step ended at its delimiter with the budget used up: no empty step after it.
-                self.trace.stop_reason = "max_tokens"
-                return
+                end = "max_tokens"
+                break
             limit = min(self.settings.max_step_tokens, budget)
             try:
                 if not self.answer_phase and self.policy.needs_probe:
@@ -501,14 +534,59 @@ class _TraceRun:
                 if role == LARGE:
                     written = self.write_large(costs, limit, budget)
             except ContextFull:
-                self.trace.stop_reason = "context_full"
-                return
+                end = "context_full"
+                break
             step, end = self.finish(costs, role, written, len(written.tokens) >= budget)
             self.trace.steps.append(step)
             yield step
-            if end:
-                self.trace.stop_reason = end
-                return
+        self.trace.stop_reason = end
+        if self.needs_forced_answer(end):
+            step = self.force_answer(end)
+            if step is not None:
+                self.trace.forced_answer = end
+                self.trace.steps.append(step)
+                yield step
+
+    def answering_role(self) -> Role:
+        """Who states the answer: the large model, unless the policy lets the small one (small alone)."""
+        return LARGE if self.policy.large_answers else SMALL
+
+    def needs_forced_answer(self, end: str | None) -> bool:
+        """A trace that ended for another reason than its answer, and states none, gets one forced."""
+        marker = self.router._sides[self.answering_role()].slot.prompt.answer_marker
+        stated = any(m in text for text in self.texts for m in self.router.answer_markers)
+        return end != "answer" and not stated and bool(marker) and self.settings.forced_answer_tokens > 0
+
+    def force_answer(self, why: str) -> Step | None:
+        """Append the answer marker and let the answering model state its answer in a few tokens.
+
+        What evaluation harnesses and budget forcing do with a trace that looped or ran out of tokens.
+        Returns None when the marker cannot be put in the context (it is full even after making room).
+        """
+        role = self.answering_role()
+        side = self.router._sides[role]
+        costs = _StepCosts(len(self.trace.steps))
+        marker = side.slot.prompt.answer_marker
+        n = self.settings.forced_answer_tokens
+        try:
+            self.catch_up(side, costs)
+            t0 = perf_counter()
+            costs.prefill_tokens += side.append_answer_marker(marker, n)
+            costs.prefill_seconds += perf_counter() - t0
+        except ContextFull:
+            return None
+        if self.listener:
+            self.listener.step_started(costs.index, role, None)
+            self.listener.text(marker)
+        stop = StepStop(self.router.delimiter, side.slot.stop, (), n, answering=True,
+                        answer_until_eos=side.slot.prompt.answer_until_eos)
+        written = side.backend.write(None, stop, self.settings.sampling, self.rng, self.on_text)
+        self.generated += len(written.tokens)
+        reason = "answer" if any(c.isalnum() for c in written.text) else "no_answer"
+        return Step(index=costs.index, model=role, h_init=None, text=marker + written.text,
+                    tokens=len(written.tokens), probe_seconds=0.0, generate_seconds=written.seconds,
+                    prefill_seconds=costs.prefill_seconds, prefill_tokens=costs.prefill_tokens,
+                    discarded_tokens=0, stop_reason=reason, forced=why)
 
     def catch_up(self, side: _Side, costs: _StepCosts) -> None:
         """Bring a model's context up to date (its prompt first), as one batch."""
@@ -538,7 +616,9 @@ class _TraceRun:
         `max_tokens`, leaves the paper's H_init of the first token, whose draw is kept.
         """
         backend, pattern = self.small.backend, self.router.probe_skip
-        logits, drawn, data = costs.logits, [], b""
+        # The step start's logits outlive the extends below (their buffer is rewritten by each one).
+        logits = costs.logits = np.array(costs.logits)
+        drawn, data = [], b""
         while len(drawn) < max_tokens:
             token = sample_token(logits, self.settings.sampling, self.rng)
             if not drawn:
@@ -633,16 +713,17 @@ class _TraceRun:
         self.texts.append(written.text)
         writer = router._sides[role]
         kept = len(written.tokens)
-        if end is None:
-            settled = kept
+        settled = None
+        # A trace that goes on, or gets its answer forced next, needs the writer's context canonical.
+        if end is None or self.needs_forced_answer(end):
             try:
                 settled = writer.settle(written, written.text)
             except ContextFull:
-                end = "context_full"
-            if written.reason == "handover":
+                end = end or "context_full"
+            if written.reason == "handover" and settled is not None:
                 kept = settled  # the marker's tokens are dropped from the small model's cache
                 costs.discarded += len(written.tokens) - kept
-        if end:
+        if settled is None:
             writer.context_len += kept
             writer.steps_seen += 1
         step = Step(

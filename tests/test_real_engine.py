@@ -175,3 +175,21 @@ def test_probe_skip_reads_h_init_past_a_list_number_and_leaves_the_contexts_cano
     if policy.name.startswith("random"):
         assert {s.model for s in steps[:-1]} == {"small", "large"}, [(s.model, s.h_init) for s in steps]
     assert trace.evaluated["small"] <= 1.05 * trace.context_tokens["small"] + sum(s.discarded_tokens for s in steps)
+
+
+@pytest.mark.parametrize("pattern", [r"[A-Za-z]+ZZZZ", r"\s*\d+\."], ids=["never-matches", "number-not-marker"])
+def test_a_marker_that_matched_only_partly_leaves_the_step_start_h_init(real_engine, pattern):
+    """A pattern the step's first tokens begin to match and then leave: the probe draws them, rewinds,
+    and H_init must be the step start's, exactly what a run without probe_skip records.
+
+    Each drawn token rewrites llama.cpp's logits buffer: an H_init read from it after the rewind would
+    be the entropy after the last drawn token (near zero inside a word or a number).
+    """
+    changes = dict(delimiter="\n", max_tokens=120, max_step_tokens=40)
+    question = GSM8K_QUESTIONS[0]
+    _, plain = run(real_engine, always_small(), question, **changes)
+    _, skip = run(real_engine, always_small(), question, probe_skip=pattern, **changes)
+    rewound = [s for s in skip if s.discarded_tokens]
+    assert rewound, [s.text for s in skip]  # some step began like a match and was rewound
+    assert [s.text for s in skip] == [s.text for s in plain]
+    assert [s.h_init for s in skip] == pytest.approx([s.h_init for s in plain], abs=1e-4)

@@ -20,6 +20,11 @@ from glimp_cli.sampling import Sampling, sample_token
 MARKER_TOKENS = len(tokenize_bytes(b"The answer is"))  # as the fake writes it: "The", " answer", " is"
 
 
+
+def reasoning(steps):
+    """The steps the trace wrote before any forced answer."""
+    return [s for s in steps if s.forced is None]
+
 def run(router, question="q?"):
     trace = router.run(question)
     return trace, list(trace)
@@ -136,6 +141,9 @@ def test_trace_stop_reasons(case, expected):
         kwargs["n_ctx"] = 40
     trace, steps = run(fake_router(script, threshold(1.0), **kwargs))
     assert trace.stop_reason == expected
+    # None of these traces stated an answer: one is forced after the marker, and says why.
+    assert trace.forced_answer == expected and steps[-1].forced == expected and steps[-1].model == "large"
+    steps = reasoning(steps)
     if case == "max_tokens":
         assert sum(s.tokens for s in steps) == 10
     if case == "repetition":
@@ -286,7 +294,7 @@ def test_a_step_that_uses_up_max_tokens_at_its_delimiter_is_the_last():
     # "aaaa" + blank line is 6 tokens: two steps use the budget of 12 exactly.
     script = [S(0.1, "aaaa", "AAAA"), S(2.0, "bbbb", "BBBB"), S(0.1, "cccc", "CCCC")]
     trace, steps = run(fake_router(script, threshold(1.0), max_tokens=12))
-    assert [s.text for s in steps] == ["aaaa", "BBBB"]
+    assert [s.text for s in reasoning(steps)] == ["aaaa", "BBBB"]
     assert trace.stop_reason == "max_tokens"
 
 
@@ -305,7 +313,7 @@ def test_a_recurring_line_is_not_a_loop():
 def test_a_real_loop_ends_the_trace(texts, n_steps):
     script = [S(0.1, t, t) for t in texts] + [S(0.1, "The answer is 1.", "The answer is 1.")]
     trace, steps = run(fake_router(script, always_small()))
-    assert trace.stop_reason == "repetition" and len(steps) == n_steps
+    assert trace.stop_reason == "repetition" and len(reasoning(steps)) == n_steps
 
 
 def test_a_character_cut_by_max_step_tokens_is_held_back():

@@ -119,7 +119,7 @@ def test_a_skipped_marker_counts_against_the_step_and_trace_limits():
     _, steps = run(fake_router(script, threshold(1.0), probe_skip=MARKER, max_step_tokens=2))
     assert steps[0].h_init == pytest.approx(0.3, abs=1e-5) and steps[0].tokens == 2
     trace, steps = run(fake_router(script, threshold(1.0), probe_skip=MARKER, max_tokens=4))
-    assert sum(s.tokens for s in steps) == 4 and trace.stop_reason == "max_tokens"
+    assert sum(s.tokens for s in steps if s.forced is None) == 4 and trace.stop_reason == "max_tokens"
 
 
 def test_small_alone_records_the_skipped_h_init_and_large_alone_does_no_probe():
@@ -211,3 +211,25 @@ def test_glimp_models_shows_the_variant_settings_of_a_pair(tmp_path, isolated):
     result = CliRunner().invoke(app, ["models", "--config", str(config)], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     assert "probe_skip '\\\\d+\\\\.'" in result.output and "tau_after_large 1.25" in result.output
+
+
+def test_a_number_that_is_no_marker_is_routed_on_the_step_start_not_on_the_drawn_token():
+    # "13 eggs" starts like "13." and is not: the probe draws "1", "3" and rewinds. The fake rewrites
+    # one logits buffer per call, as llama.cpp does: H_init must be the step start's (2.0, large),
+    # not the near-certain distribution after the last drawn token.
+    script = [S(2.0, "13 eggs * $2", "13 EGGS * $2"), ANSWER]
+    trace, steps = run(fake_router(script, threshold(1.0), probe_skip=MARKER))
+    assert steps[0].h_init == pytest.approx(2.0, abs=1e-5)
+    assert steps[0].model == "large" and steps[0].text == "13 EGGS * $2"
+
+
+def test_a_rejected_match_leaves_the_draft_score_of_the_step_start():
+    # A draft-then-verify policy scores the first token from the probe's logits: after a rewound
+    # partial match they must still be the step start's, the same as without probe_skip.
+    from glimp_cli.policies import step_entropy
+
+    script = [S(2.0, "16 - 3 = 13", "16 - 3 = 13!"), ANSWER]
+    _, plain = run(fake_router(script, step_entropy(10.0)))
+    _, steps = run(fake_router(script, step_entropy(10.0), probe_skip=MARKER))
+    assert steps[0].draft_signal is not None
+    assert steps[0].draft_signal.mean_entropy == pytest.approx(plain[0].draft_signal.mean_entropy, abs=1e-6)

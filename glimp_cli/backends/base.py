@@ -35,6 +35,7 @@ class StepStop:
     final_markers: tuple[str, ...] = ()
     answer_tokens: int | None = None  # the step's token limit once a final marker appeared
     answer_until_eos: bool = False  # the answer after the marker runs to end of generation (reasoning models)
+    answering: bool = False  # the step is the answer from its first token (the marker is in the context already)
 
     def limit(self, answering: bool) -> int:
         """The step's token limit, before and after a final marker appeared."""
@@ -86,7 +87,11 @@ class Backend(Protocol):
         """Drop the context after its first `n_tokens` tokens."""
 
     def next_logits(self) -> np.ndarray:
-        """Full-vocabulary logits of the next token given the context."""
+        """Full-vocabulary logits of the next token given the context.
+
+        The array may be the engine's own output buffer (llama.cpp's is): it is valid only until the
+        next `extend`, `rewind` or `next_logits`. A caller that keeps it longer copies it.
+        """
 
     def write(self, first_token: int | None, stop: StepStop, sampling: Sampling,
               rng: np.random.Generator, on_text: TextSink | None = None,
@@ -151,7 +156,7 @@ class StepScanner:
         self.buffer = ""
         self.text = ""
         self._emitted = 0
-        self._final_at: int | None = None  # where the answer begins (after its final marker)
+        self._final_at: int | None = 0 if stop.answering else None  # where the answer begins (after its marker)
 
     @property
     def answering(self) -> bool:

@@ -105,6 +105,9 @@ class FakeBackend:
         self.writes_merged = writes_merged  # write a blank line as the merged token, not as two newlines
         self.delimiter = delimiter.encode()  # what separates the script's steps in the context
         self.logits_positions: list[int] = []  # context length at each next_logits call
+        # One output buffer rewritten by every call, as llama.cpp's is: a caller that keeps an array
+        # across `extend` sees it change, so the fast tests catch aliasing.
+        self._logits = np.zeros(N_VOCAB, dtype=np.float32)
 
     @property
     def tokens(self) -> Sequence[int]:
@@ -139,6 +142,10 @@ class FakeBackend:
         return data.split(marker, 1)[1] if marker in data else b""
 
     def next_logits(self) -> np.ndarray:
+        self._logits[:] = self._compute_logits()
+        return self._logits
+
+    def _compute_logits(self) -> np.ndarray:
         self.logits_positions.append(len(self._tokens))
         trace = self._trace_bytes()
         index = trace.count(self.delimiter)
