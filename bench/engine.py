@@ -183,7 +183,7 @@ def main() -> None:
     written = {role: sum(s.tokens for s in steps if s.model == role) for role in (SMALL, LARGE)}
 
     rows = [
-        ("1. probe / small decode token (medians)", probe_ratio, ".3f", 1.5),
+        ("1. probe / small decode token (medians)", probe_ratio, ".3f", 0.1),
         ("2. --mode large / raw llama-cpp-python", raw_ratio, ".3f", 1.05),
         ("3. evaluated / context, small (worst q)", redundancy[SMALL], ".3f", 1.05),
         ("3. evaluated / context, large (worst q)", redundancy[LARGE], ".3f", 1.05),

@@ -649,6 +649,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant-calibration-questions", type=int,
                    help="the variants' own calibration runs on only the first N calibration questions")
     p.add_argument("--max-tokens", type=int, help="token budget per trace (default: the pair's); e.g. small for a smoke run")
+    p.add_argument("--forced-answer-tokens", type=int,
+                   help="tokens to state a forced answer in (default: the pair's); 0 reproduces runs made before "
+                        "answers were forced")
     p.add_argument("--profile-every", type=int, default=10, help="re-measure the rates every N questions")
     p.add_argument("--runs-dir", type=Path, help="results files (default: bench/results/tradeoff-<pair>)")
     p.add_argument("--only", help="run (and report) only these runs, comma-separated labels, e.g. "
@@ -691,6 +694,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_tokens < 1:
             raise UsageError("--max-tokens must be at least 1")
         pair = dataclasses.replace(pair, max_tokens=args.max_tokens)
+    if args.forced_answer_tokens is not None:
+        if args.forced_answer_tokens < 0:
+            raise UsageError("--forced-answer-tokens must be at least 0")
+        pair = dataclasses.replace(pair, forced_answer_tokens=args.forced_answer_tokens)
     if args.profile_every < 1:
         raise UsageError("--profile-every must be at least 1")
     shares = _floats(args.shares, "shares")

@@ -39,6 +39,7 @@ class ModeRow:
     large_share_tokens: float | None
     baseline: bool  # every record's timings are an honest baseline (no routing work)
     timing: str  # the records' timing kind, or "mixed"
+    forced: int = 0  # traces whose answer was forced (they had ended without one; see router.force_answer)
 
 
 def load_results(path: str | Path) -> tuple[list[dict], list[str]]:
@@ -136,6 +137,7 @@ def _row(mode: str, rows: list[dict], large_latency: dict[str, float]) -> ModeRo
         large_share_tokens=_pooled_share(rows, "tokens"),
         baseline=all(r["settings"].get("baseline") is True for r in rows),
         timing=timings.pop() if len(timings) == 1 else "mixed",
+        forced=sum(1 for r in rows if r.get("forced_answer")),
     )
 
 
@@ -158,7 +160,7 @@ def render_table(rows: list[ModeRow]) -> Table:
     """The per-mode comparison as a rich table."""
     table = Table(title="glimp batch report", title_justify="left", show_edge=False)
     for name in ("mode", "n", "accuracy (95% CI)", "mean s", "median s", "vs large",
-                 "tokens small / large", "large share steps / tokens", "timing"):
+                 "tokens small / large", "large share steps / tokens", "forced answers", "timing"):
         table.add_column(name, justify="left" if name in ("mode", "timing") else "right")
     for row in rows:
         accuracy = "-" if row.accuracy is None else (
@@ -167,7 +169,7 @@ def render_table(rows: list[ModeRow]) -> Table:
         table.add_row(
             row.mode, str(row.n), accuracy, f"{row.mean_latency:.2f}", f"{row.median_latency:.2f}", versus,
             f"{row.mean_tokens[SMALL]:.0f} / {row.mean_tokens[LARGE]:.0f}",
-            f"{_pct(row.large_share_steps)} / {_pct(row.large_share_tokens)}", row.timing,
+            f"{_pct(row.large_share_steps)} / {_pct(row.large_share_tokens)}", str(row.forced), row.timing,
         )
     return table
 

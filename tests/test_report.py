@@ -133,3 +133,15 @@ def test_report_on_an_interrupted_batch(tmp_path: Path) -> None:
     text = console.export_text()
     assert "100.0% (43.9%–100.0%) of 3" in text and "0.0% (0.0%–56.1%) of 3" in text
     assert "routed" in text and "baseline" in text
+
+
+def test_forced_answers_are_counted_per_mode() -> None:
+    records = [rec(f"q{i}", "glimp", True, 1.0) for i in range(4)] + [rec("q0", "large", False, 2.0)]
+    records[1]["forced_answer"] = "repetition"
+    records[2]["forced_answer"] = "max_tokens"
+    records[-1]["forced_answer"] = None  # a trace that stated its own answer
+    rows = {row.mode: row for row in summarize(records)}
+    assert rows["glimp"].forced == 2 and rows["large"].forced == 0
+    console = Console(record=True, width=200)
+    console.print(render_table(list(rows.values())))
+    assert "forced answers" in console.export_text()
