@@ -11,12 +11,15 @@ from glimp_cli.router import Step, Trace
 COLOURS = {"small": "cyan", "large": "magenta"}
 
 
-def _h(h_init: float | None, probing: bool) -> str:
+def _h(h_init: float | None, probing: bool, model: str) -> str:
     """H_init in nats, or what happened instead of a probe."""
     if h_init is not None:
         return f"H_init {h_init:.2f} nats"
-    # A probing policy skips the probe only once the small model has handed the answer over.
-    return "answer handed to large" if probing else "no probe (large alone)"
+    if not probing:
+        return "no probe (large alone)"
+    # A probing policy skips the probe once the answer is the large model's (handed over or forced),
+    # and for a forced answer of small alone.
+    return "answer handed to large" if model == "large" else "answer, no probe"
 
 
 class LiveView:
@@ -33,7 +36,7 @@ class LiveView:
 
     def step_started(self, index: int, model: str, h_init: float | None) -> None:
         self._model = model
-        header = Text(f"\n▌ step {index + 1} · {model} · {_h(h_init, self.probing)}", style=f"bold {COLOURS[model]}")
+        header = Text(f"\n▌ step {index + 1} · {model} · {_h(h_init, self.probing, model)}", style=f"bold {COLOURS[model]}")
         self.console.print(header, highlight=False)
 
     def text(self, piece: str) -> None:
@@ -45,7 +48,8 @@ class LiveView:
                                 "the large model writes the answer", style="dim"), highlight=False)
 
     def step_finished(self, step: Step) -> None:
-        self.console.print(Text(f"\n  {step.tokens} tokens · {step.seconds:.2f} s · {step.stop_reason}",
+        forced = f" (forced: the trace had ended on {step.forced})" if step.forced else ""
+        self.console.print(Text(f"\n  {step.tokens} tokens · {step.seconds:.2f} s · {step.stop_reason}{forced}",
                                 style="dim"), highlight=False)
 
 
@@ -65,7 +69,7 @@ def summary_table(trace: Trace, answer: str | None) -> Table:
     grid.add_row("probe time", f"{s['probe_seconds'] * 1000:.1f} ms over {len(trace.steps)} steps")
     grid.add_row("prefill time", f"{s['prefill_seconds']:.2f} s")
     grid.add_row("wall time", f"{s['wall_seconds']:.2f} s ({s['tokens_per_second']:.1f} tokens/s)")
-    grid.add_row("stop", str(trace.stop_reason))
+    grid.add_row("stop", str(trace.stop_reason) + (", answer forced" if trace.forced_answer else ""))
     grid.add_row("answer", answer if answer is not None else "-")
     outer = Table.grid()
     outer.add_row(per_model)

@@ -34,3 +34,13 @@ def test_a_step_without_a_probe_says_why():
     assert "H_init -" not in text
     text = render(fake_router(FIVE_STEPS, always_large()))
     assert text.count("no probe (large alone)") == 5
+
+
+def test_a_forced_answer_says_why_it_was_forced():
+    from glimp_cli.policies import always_small
+
+    loop = [S(0.1, "a = 1", "A = 1"), S(0.1, "a = 1", "A = 1"), S(0.1, "The answer is 1.", "The answer is 2.")]
+    text = render(fake_router(loop, threshold(1.0)))
+    assert "step 3 · large · answer handed to large" in text and "(forced: the trace had ended on repetition)" in text
+    text = render(fake_router(loop, always_small()))
+    assert "step 3 · small · answer, no probe" in text and "The answer is 1." in text
