@@ -73,17 +73,22 @@ def locate(model: str, src: Source) -> list[PartFile]:
 
 def is_verified(target: Path, src: Source) -> bool:
     """Whether `target` was hash-checked against this source and has not changed since (by size and mtime)."""
+    return vouched(target, {"sha256": src.sha256}, size=src.size)
+
+
+def vouched(target: Path, facts: dict, size: int | None = None) -> bool:
+    """Whether `target`'s marker records `facts`, and the file still has the size and mtime it recorded."""
     try:
         stat = target.stat()
         marker = json.loads(marker_path(target).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return (isinstance(marker, dict) and stat.st_size == src.size
-            and marker == {"sha256": src.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return (size in (None, stat.st_size)
+            and marker == {**facts, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
 
 
 def marker_path(target: Path) -> Path:
-    """The small file that records that `target` matched its pinned sha256."""
+    """The small file that records what vouches for `target` (its sha256, or the package that built it)."""
     return target.with_name(target.name + MARKER_SUFFIX)
 
 
@@ -98,13 +103,13 @@ def ensure(model: str, src: Source, target: Path) -> Path:
         return target
     if target.is_file():
         if target.stat().st_size == src.size and _sha256_of(model, target) == src.sha256:
-            _write_marker(target, src)  # the file is right; only the marker was missing or stale
+            write_marker(target, {"sha256": src.sha256})  # the file is right; only the marker was missing or stale
             return target
         target.unlink()  # changed since it was checked: rebuilt below, never handed to llama.cpp
         marker_path(target).unlink(missing_ok=True)
     parts = locate(model, src)
     _assemble(model, src, parts, target)
-    _write_marker(target, src)
+    write_marker(target, {"sha256": src.sha256})
     return target
 
 
@@ -141,16 +146,16 @@ def _assemble(model: str, src: Source, parts: list[PartFile], target: Path) -> N
         partial.unlink(missing_ok=True)
 
 
-def _write_marker(target: Path, src: Source) -> None:
+def write_marker(target: Path, facts: dict) -> None:
+    """Record `facts` and `target`'s size and mtime beside it, for `vouched` to trust next time."""
     marker = marker_path(target)
     tmp = marker.with_name(f"{marker.name}.partial-{os.getpid()}")
     try:
         stat = target.stat()
-        tmp.write_text(json.dumps({"sha256": src.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}),
-                       encoding="utf-8")
+        tmp.write_text(json.dumps({**facts, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}), encoding="utf-8")
         os.replace(tmp, marker)
     except OSError:
-        pass  # without a marker the next run re-hashes the file: slower, still right
+        pass  # without a marker the next run checks or rebuilds the file: slower, still right
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -24,6 +24,14 @@ def cache_dir() -> Path:
     return Path(base) / "glimp"
 
 
+def cache_path(src: Source) -> Path:
+    """Where glimp keeps the GGUF it assembles for `src`: under the sha256 it pins, or the package that builds it."""
+    if src.parts:
+        # Keyed by content: entries that pin other bytes under one file name never evict each other.
+        return cache_dir() / src.sha256[:16] / src.file
+    return cache_dir() / src.package / src.file
+
+
 @dataclass(frozen=True)
 class Availability:
     """Whether a model's GGUF can be had here without a download, and where it is or comes from."""
@@ -57,8 +65,8 @@ def availability(spec: ModelSpec, config_dir: Path | None = None) -> Availabilit
         if importlib.util.find_spec(src.package) is None:
             return Availability(False, f"package {src.package} not installed ({_install_hint(src)})")
         if src.assemble:
-            target = cache_dir() / src.file
-            if target.is_file():
+            target = cache_path(src)
+            if _built_here(target, src):
                 return Availability(True, str(target))
             return Availability(True, f"will be assembled into {target} on first use")
         return Availability(_package_file(src).is_file(), str(_package_file(src)))
@@ -84,7 +92,7 @@ def resolve(spec: ModelSpec, config_dir: Path | None = None) -> Path:
     elif src.package:
         path = _from_package(spec.name, src)
     elif src.parts:
-        path = assembly.ensure(spec.name, src, cache_dir() / src.file)
+        path = assembly.ensure(spec.name, src, cache_path(src))
     else:
         path = _from_hub(spec.name, src)
     check_gguf(path, spec.name)
@@ -127,11 +135,12 @@ def _from_package(model: str, src: Source) -> Path:
         if not path.is_file():
             raise ModelError(f"model {model!r}: package {src.package} has no file {src.file}")
         return path
-    target = cache_dir() / src.file
-    if target.is_file():
-        return target  # verified by its sha256 when it was assembled; never re-assembled
+    target = cache_path(src)
+    if _built_here(target, src):
+        return target  # the package checked what it wrote, and the file has not changed since
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    assembly.marker_path(target).unlink(missing_ok=True)
+    partial = assembly.partial_path(target)
     try:
         assemble = getattr(importlib.import_module(src.package), src.assemble)
         # The package checks the sha256 of what it writes; the rename makes the cache all-or-nothing.
@@ -143,12 +152,18 @@ def _from_package(model: str, src: Source) -> Path:
         raise ModelError(f"model {model!r}: assembling {target} failed: {exc}") from None
     finally:
         partial.unlink(missing_ok=True)
+    assembly.write_marker(target, {"package": src.package})
     return target
+
+
+def _built_here(target: Path, src: Source) -> bool:
+    """Whether glimp had `src`'s package build `target`: a file that merely sits there is not trusted."""
+    return assembly.vouched(target, {"package": src.package})
 
 
 def _parts_availability(model: str, src: Source) -> Availability:
     # Cheap checks only: the marker, the installed versions and the part files' sizes; nothing is read.
-    target = cache_dir() / src.file
+    target = cache_path(src)
     if assembly.is_verified(target, src):
         return Availability(True, str(target))
     try:

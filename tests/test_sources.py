@@ -60,7 +60,14 @@ def split(tmp_path, monkeypatch):
 
 
 def cache_listing() -> list[str]:
-    return sorted(p.name for p in cache_dir().iterdir()) if cache_dir().is_dir() else []
+    """Every file in the cache, relative to it (an empty directory left behind holds nothing)."""
+    root = cache_dir()
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir()) if root.is_dir() else []
+
+
+def content_path(src: Source) -> Path:
+    """Where the docs say an assembled split lives: under the first 16 hex digits of the sha256 it pins."""
+    return cache_dir() / src.sha256[:16] / src.file
 
 
 def bytes_read() -> int:
@@ -82,8 +89,9 @@ def test_assembles_the_parts_in_order_once_and_never_imports_them(split):
     assert availability(spec).available and "will be assembled" in availability(spec).where
     assert cache_listing() == []  # availability assembles nothing
     path = resolve(spec)
-    assert path == cache_dir() / "blob.gguf" and path.read_bytes() == content
-    assert cache_listing() == ["blob.gguf", "blob.gguf.verified"]
+    assert path == content_path(spec.source) and path.read_bytes() == content
+    key = spec.source.sha256[:16]
+    assert cache_listing() == [f"{key}/blob.gguf", f"{key}/blob.gguf.verified"]
     assert not any(name.startswith("blob_test") for name in sys.modules)
     assert availability(spec).available and availability(spec).where == str(path)
     # A second resolve trusts the marker: it works with the part files gone, and does not re-hash the file.
@@ -171,12 +179,77 @@ def test_parts_that_do_not_add_up_to_the_pinned_size_are_refused_before_reading(
 def test_a_full_disk_is_one_error_and_leaves_no_partial_file(split, monkeypatch):
     """/dev/full fails every write with ENOSPC: stand it in for the temp file the assembly writes."""
     spec, _, _ = split
-    cache_dir().mkdir(parents=True)
-    partial = assembly.partial_path(cache_dir() / "blob.gguf")
+    partial = assembly.partial_path(content_path(spec.source))
+    partial.parent.mkdir(parents=True)
     partial.symlink_to("/dev/full")
     with pytest.raises(ModelError, match=r"no space left in .* to assemble blob\.gguf .* from packages blob-test-part1"):
         resolve(spec)
     assert cache_listing() == []
+
+
+def other_split(tmp_path: Path, monkeypatch, file: str = "blob.gguf") -> tuple[ModelSpec, bytes, Path]:
+    """Packages `blob-other-part1..3` 1.0.0 holding other bytes, assembled under the same file name as `split`."""
+    site = tmp_path / "other-split-site"
+    content = b"GGUF" + os.urandom(3 * PART_BYTES - 4)
+    for n in (1, 2, 3):
+        install_dist(site, f"blob-other-part{n}", "1.0.0", content[(n - 1) * PART_BYTES:n * PART_BYTES],
+                     f"part{n:02d}.bin")
+    monkeypatch.syspath_prepend(str(site))
+    src = Source(parts=tuple(Part(f"blob-other-part{n}", "1.0.0") for n in (1, 2, 3)), file=file,
+                 sha256=hashlib.sha256(content).hexdigest(), size=len(content))
+    return ModelSpec(name="blob-other", source=src), content, site
+
+
+def test_two_entries_that_pin_different_bytes_under_one_file_name_each_keep_their_file(split, tmp_path, monkeypatch):
+    first, first_content, site = split
+    second, second_content, other_site = other_split(tmp_path, monkeypatch)
+    paths = resolve(first), resolve(second)
+    # With every part gone, alternating works only from the cache: no re-assembly, no re-hash.
+    for part in [*site.glob("*/data/*.bin"), *other_site.glob("*/data/*.bin")]:
+        part.unlink()
+    before = bytes_read()
+    for _ in range(2):
+        assert (resolve(first), resolve(second)) == paths
+    assert bytes_read() - before < len(first_content) // 2
+    assert paths[0].read_bytes() == first_content and paths[1].read_bytes() == second_content
+    assert paths == (content_path(first.source), content_path(second.source))
+    assert (availability(first).where, availability(second).where) == tuple(map(str, paths))
+
+
+def test_a_file_already_where_the_split_goes_or_at_the_old_bare_name_is_not_trusted(split):
+    spec, content, _ = split
+    wrong = b"GGUF" + b"\0" * (len(content) - 4)  # another model's bytes, of the same size
+    old = cache_dir() / spec.source.file  # where glimp kept it before the cache was keyed by content
+    for stray in (old, content_path(spec.source)):
+        stray.parent.mkdir(parents=True, exist_ok=True)
+        stray.write_bytes(wrong)
+    stat = old.stat()  # a marker that vouches for the old file: even so, that place is no longer read
+    assembly.marker_path(old).write_text(json.dumps({"sha256": spec.source.sha256, "size": stat.st_size,
+                                                     "mtime_ns": stat.st_mtime_ns}))
+    path = resolve(spec)
+    assert path.read_bytes() == content and path == content_path(spec.source)
+    assert old.read_bytes() == wrong  # left alone: it may be another entry's file
+
+
+def test_a_package_built_gguf_is_trusted_only_once_glimp_has_built_it(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    (site / "blob_builder").mkdir(parents=True)
+    (site / "blob_builder" / "__init__.py").write_text(
+        "BUILT = []\n\ndef build(path):\n    BUILT.append(path)\n    open(path, 'wb').write(b'GGUF built')\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("GLIMP_CACHE_DIR", str(tmp_path / "cache"))
+    spec = ModelSpec(name="built", source=Source(package="blob_builder", assemble="build", file="blob.gguf"))
+    for stray in (cache_dir() / "blob.gguf", cache_dir() / "blob_builder" / "blob.gguf"):  # the old place, the new
+        stray.parent.mkdir(parents=True, exist_ok=True)
+        stray.write_bytes(b"GGUF another model")
+    path = resolve(spec)
+    assert path.read_bytes() == b"GGUF built"
+    built = sys.modules["blob_builder"].BUILT
+    assert len(built) == 1
+    assert resolve(spec) == path and len(built) == 1  # built once, then trusted by its marker
+    assert availability(spec).where == str(path)
+    path.write_bytes(b"GGUF changed since")  # no longer what the marker vouches for: built again
+    assert resolve(spec).read_bytes() == b"GGUF built" and len(built) == 2
 
 
 @pytest.fixture
