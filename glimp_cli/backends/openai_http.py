@@ -577,11 +577,10 @@ class OpenAIBackend:
             raise self.endpoint.fail(self.endpoint.url("/completions"), "the stream closed before its first event")
 
         def chain() -> Iterator[dict]:
+            # No _EmptyStream can come from here: post_stream raises it only when it yielded nothing.
             try:
                 yield first
                 yield from events
-            except _EmptyStream:
-                return
             finally:
                 events.close()
 
