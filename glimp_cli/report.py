@@ -1,4 +1,5 @@
-"""Summaries of a batch results file: accuracy with a Wilson interval, latency, tokens, shares per mode."""
+"""Summaries of a batch results file (accuracy with a Wilson interval, latency, tokens, shares per mode) and the
+statistics that compare runs (paired McNemar) and rank signals (AUROC with a bootstrap interval)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 from rich.table import Table
 
 from glimp_cli.errors import InputError
@@ -230,3 +233,67 @@ def run_row(records: list[dict], large: list[dict]) -> ModeRow:
         raise ValueError(f"a run's records must share one mode, not {sorted(modes)}")
     mode = modes.pop()
     return next(row for row in summarize(records + ([] if mode == LARGE else large)) if row.mode == mode)
+
+
+# --- how well a signal ranks steps by a label ----------------------------------------------------
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve: how often a positive step scores above a negative one (ties count half).
+
+    None when one class is empty.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = _average_ranks(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing their mean rank (Mann-Whitney's)."""
+    order = np.argsort(values, kind="mergesort")
+    sorted_values = values[order]
+    ranks = np.empty(len(values), dtype=np.float64)
+    start = 0
+    while start < len(values):
+        end = start
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def bootstrap_auroc(scores: Sequence[float], labels: Sequence[bool], groups: Sequence[str],
+                    n: int = 1000, seed: int = 0) -> tuple[float | None, float | None, float | None]:
+    """AUROC and its 95% percentile interval, resampling whole groups (questions: their steps are not independent)."""
+    point = auroc(scores, labels)
+    if point is None:
+        return None, None, None
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    members = [np.array(v) for v in by_group.values()]
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n):
+        picked = np.concatenate([members[j] for j in rng.integers(0, len(members), len(members))])
+        value = auroc(s[picked], y[picked])
+        if value is not None:
+            draws.append(value)
+    if not draws:
+        return point, None, None
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return point, float(low), float(high)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None when either side is constant."""
+    rx, ry = _average_ranks(np.asarray(x, dtype=np.float64)), _average_ranks(np.asarray(y, dtype=np.float64))
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from time import perf_counter
 from typing import Iterator, Protocol, Sequence
 
@@ -52,6 +52,15 @@ class Step:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Step":
+        """The Step a results file recorded with `to_dict` (keys it did not have take their defaults)."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        if values.get("draft_signal") is not None:
+            values["draft_signal"] = DraftScore(**values["draft_signal"])
+        return cls(**values)
 
 
 class StepListener(Protocol):
@@ -345,10 +354,12 @@ def _has_content(text: str) -> bool:
 class Trace:
     """One question's run: iterate it for `Step`s; afterwards it holds the trace-level results."""
 
-    def __init__(self, router: "Router", question: str, listener: StepListener | None):
+    def __init__(self, router: "Router", question: str, listener: StepListener | None,
+                 given: Sequence[Step] = ()):
         self.router = router
         self.question = question
         self.listener = listener
+        self.given = tuple(given)  # steps taken as written, before the loop routes the rest (a replay)
         self.steps: list[Step] = []
         self.stop_reason: str | None = None
         self.forced_answer: str | None = None  # why the answer was forced (the stop reason before it), if it was
@@ -453,11 +464,17 @@ class Router:
             m for m in {small.prompt.answer_marker, large.prompt.answer_marker} if m
         )
 
-    def run(self, question: str, listener: StepListener | None = None) -> Trace:
-        """A trace for `question`; nothing runs until it is iterated."""
+    def run(self, question: str, listener: StepListener | None = None, given: Sequence[Step] = ()) -> Trace:
+        """A trace for `question`; nothing runs until it is iterated.
+
+        `given` steps (e.g. the start of a recorded trace) are taken as written: both models read them,
+        then the loop routes the steps after them.
+        """
         if not question.strip():
             raise UsageError("the question is empty")
-        return Trace(self, question, listener)
+        if any(any(m in step.text for m in self.answer_markers) for step in given):
+            raise UsageError("a given step states the answer: nothing would be left to route")
+        return Trace(self, question, listener, given)
 
     def _stop(self, role: Role, limit: int, budget: int, preempt: bool) -> StepStop:
         """How a step of `role` ends; `preempt` ends a draft at the answer marker (the large model answers).
@@ -514,6 +531,13 @@ class _TraceRun:
 
     def steps(self) -> Iterator[Step]:
         end = None
+        for step in self.trace.given:
+            # Both contexts catch up on given steps like on the other model's (canonical tokens).
+            self.texts.append(step.text)
+            self.loop.add(step.text)
+            self.generated += step.tokens
+            self.trace.steps.append(step)
+            yield step
         while end is None:
             costs = _StepCosts(len(self.trace.steps))
             budget = self.settings.max_tokens - self.generated

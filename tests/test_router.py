@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ from glimp_cli.config import PromptFormat
 from glimp_cli.entropy import exact_entropy
 from glimp_cli.errors import ContextLimitError, UsageError
 from glimp_cli.policies import always_large, always_small, random_share, threshold
-from glimp_cli.router import ModelSlot, RouteSettings, Router, _stable_hash
+from glimp_cli.router import ModelSlot, RouteSettings, Router, Step, _stable_hash
 from glimp_cli.sampling import Sampling, sample_token
 
 MARKER_TOKENS = len(tokenize_bytes(b"The answer is"))  # as the fake writes it: "The", " answer", " is"
@@ -361,3 +362,25 @@ def test_at_temperature_the_first_token_is_drawn_from_the_probed_distribution():
     small = router._sides["small"].backend
     assert sum(len(c) for c in small.extend_calls[:2]) == len(replay.tokens)  # header and question batches
     assert small.extend_calls[2] == (expected,)
+
+
+def test_given_steps_are_read_by_both_models_and_the_loop_routes_the_rest():
+    # The replay of a recorded trace's start: the same steps follow, and a recorded step round-trips.
+    _, steps = run(fake_router(SCRIPT, threshold(1.0)))
+    given = [Step.from_dict(json.loads(json.dumps(s.to_dict()))) for s in steps[:2]]
+    assert given == steps[:2]
+    router = fake_router(SCRIPT, threshold(1.0))
+    trace, again = run_given(router, given)
+    assert again[:2] == given and [(s.model, s.text) for s in again[2:]] == [(s.model, s.text) for s in steps[2:]]
+    # Both models caught up on the given steps, whoever wrote them.
+    for role in ("small", "large"):
+        backend = router._sides[role].backend
+        text = b"".join(backend.token_bytes(t) for t in backend.tokens).decode()
+        assert text.startswith("Q: q?\nA:\nsmall one\n\nLARGE TWO\n\n")
+    with pytest.raises(UsageError, match="states the answer"):
+        fake_router(SCRIPT, threshold(1.0)).run("q?", given=steps)
+
+
+def run_given(router, given):
+    trace = router.run("q?", given=given)
+    return trace, list(trace)

@@ -1,0 +1,57 @@
+"""Routing signals besides H_init, from the small model's next-token logits at a step's start or its first tokens.
+
+Each is a number where larger means "this step looks harder" (so every signal ranks steps the same way
+H_init does and one threshold rule routes on any of them), and each says what it costs: how many tokens
+the small model must draw before the step can be routed on it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+from glimp_cli.entropy import exact_entropy, log_softmax, topk_entropy
+
+
+def top_probabilities(logits: np.ndarray) -> tuple[float, float]:
+    """The largest and second-largest next-token probabilities."""
+    _, p = log_softmax(logits)
+    if p.size < 2:
+        return float(p.max()), 0.0
+    two = np.partition(p, -2)[-2:]
+    return float(two[1]), float(two[0])
+
+
+def top1_doubt(logits: np.ndarray) -> float:
+    """1 - the most likely token's probability: 0 when the small model is sure of the first token."""
+    return 1.0 - top_probabilities(logits)[0]
+
+
+def margin_doubt(logits: np.ndarray) -> float:
+    """1 - (p1 - p2), the top-1/top-2 margin turned so that a narrow margin is a high value."""
+    p1, p2 = top_probabilities(logits)
+    return 1.0 - (p1 - p2)
+
+
+def first_tokens_entropy(entropies: Sequence[float], k: int, how: str = "mean") -> float:
+    """Mean or max entropy (nats) of the first `k` drafted tokens' distributions (fewer if the step is shorter)."""
+    if k < 1 or not entropies:
+        raise ValueError("need k >= 1 and at least one entropy")
+    first = list(entropies[:k])
+    return max(first) if how == "max" else sum(first) / len(first)
+
+
+def perplexity(logprobs: Sequence[float]) -> float:
+    """exp(mean negative log-probability) of the tokens a draft drew."""
+    return math.exp(-sum(logprobs) / len(logprobs))
+
+
+# The probe-time signals glimp can route on; the draft signals need tokens drawn first.
+PROBE_SIGNALS: dict[str, Callable[[np.ndarray], float]] = {
+    "h_init": exact_entropy,
+    "h_init_top20": lambda logits: topk_entropy(logits, 20),
+    "top1_doubt": top1_doubt,
+    "margin_doubt": margin_doubt,
+}
