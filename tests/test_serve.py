@@ -7,6 +7,7 @@ free ports and drive them with the official `openai` client, plain HTTP and head
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -24,9 +25,12 @@ import pytest
 import yaml
 
 from conftest import FAKE_PROMPT, GSM8K_QUESTIONS, fake_router
+from test_http_backend import FakeServer, event
+from glimp_cli.backends.fake import FakeBackend
 from glimp_cli.backends.fake import ScriptedStep as S
-from glimp_cli.config import PairSpec, load_registry, packaged_config
+from glimp_cli.config import ModelSpec, PairSpec, Registry, load_registry, packaged_config
 from glimp_cli.policies import always_small, step_entropy, threshold
+from glimp_cli.serve import STOP_SECONDS
 from glimp_cli.serve.protocol import ApiError, ServedPair, parse_request
 from glimp_cli.serve.stream import Aborted, TraceStream
 
@@ -120,10 +124,10 @@ def test_a_request_maps_onto_the_pair_with_its_overrides():
                                  "stream_options": {"include_usage": True}}, PAIRS)
     assert (req.question, req.pair.mode, req.pair.tau, req.pair.temperature, req.pair.seed, req.pair.max_tokens) == \
         ("What is 2+2?", "large", 1.5, 0.5, 3, 40)
-    assert req.stop == ("x",) and req.stream and req.include_usage and req.max_tokens_given
+    assert req.stop == ("x",) and req.stream and req.include_usage
     # A mode field beats the model id's suffix; the pair's settings fill the rest.
     req = parse_request("chat", {**CHAT, "model": "tiny:large", "mode": "small"}, PAIRS)
-    assert req.pair.mode == "small" and req.pair.tau == 3.5 and not req.max_tokens_given
+    assert req.pair.mode == "small" and req.pair.tau == 3.5
     req = parse_request("text", {"model": "glimp/tiny", "prompt": ["What is 3+3?"]}, PAIRS)
     assert req.question == "What is 3+3?" and req.kind == "text"
     parts = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
@@ -179,6 +183,91 @@ def test_a_refused_conversation_says_what_the_pair_prompt_formats_are():
         parse_request("chat", {**CHAT, "messages": [{"role": "system", "content": "x"}, *CHAT["messages"]]}, PAIRS)
     assert "s: its chat template with the prompt's own system turn" in caught.value.message
     assert "l: a plain template" in caught.value.message
+
+
+# --- the whole app on the fake pair, in process ----------------------------------------------
+
+@contextlib.contextmanager
+def fake_app(script, **settings):
+    """The real app with one worker over the scripted fake pair, driven by Starlette's TestClient."""
+    from starlette.testclient import TestClient
+
+    from glimp_cli.engine import Engine
+    from glimp_cli.serve.app import ServerState, build_app
+    from glimp_cli.serve.workers import WorkerPool
+
+    registry = Registry({name: ModelSpec(name, prompt=FAKE_PROMPT) for name in ("s", "l")}, {}, "fake", [], {}, {})
+    pair = PairSpec("fake", "s", "l", **settings)
+    backends = {"small": FakeBackend("s", "small", script), "large": FakeBackend("l", "large", script)}
+    pool = WorkerPool("fake", [Engine(registry, pair, backends)], 4)
+    served = {"fake": ServedPair(pair, {"s": FAKE_PROMPT, "l": FAKE_PROMPT})}
+    state = ServerState(served, {"fake": pool}, None, 1_000_000)
+    try:
+        with TestClient(build_app(state)) as client:
+            yield client
+    finally:
+        assert pool.stop(time.monotonic() + 30) == [], "a worker did not stop"
+
+
+def fake_chat(client, stream: bool, **fields) -> dict:
+    """One chat request to the fake app: content, usage, the `glimp` record and the streamed step ends."""
+    body = {"model": "glimp/fake", "messages": [{"role": "user", "content": "q?"}], **fields}
+    if not stream:
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        data = response.json()
+        return {"content": data["choices"][0]["message"]["content"], "usage": data["usage"], "glimp": data["glimp"],
+                "step_ends": None}
+    body.update(stream=True, stream_options={"include_usage": True})
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200, response.read()
+        chunks = [json.loads(line[len("data: "):]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    final = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]][-1]
+    return {"content": "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]),
+            "usage": chunks[-1]["usage"], "glimp": final["glimp"],
+            "step_ends": [c["glimp"]["step_end"] for c in chunks if "step_end" in c.get("glimp", {})]}
+
+
+@pytest.mark.parametrize("stop, shown", [
+    ("TWO", [("small", "small one"), ("large", "LARGE ")]),  # in the step being written
+    ("one", [("small", "small ")]),  # in the first step
+    ("LARGE", [("small", "small one"), ("large", "")]),  # at the very start of a step
+])
+def test_a_stop_string_inside_a_step_counts_the_step_as_far_as_the_cut_in_usage_and_steps(stop, shown):
+    with fake_app(SCRIPT, tau=1.0) as client:
+        whole = fake_chat(client, False)["glimp"]["steps"]
+        for stream in (False, True):
+            reply = fake_chat(client, stream, stop=stop)
+            steps = reply["glimp"]["steps"]
+            assert [(s["model"], s["text"]) for s in steps] == shown
+            assert "\n\n".join(s["text"] for s in steps) == reply["content"]
+            # Finished steps keep their tokens; the cut one counts what its model generated up to the stop.
+            assert [s["tokens"] for s in steps[:-1]] == [s["tokens"] for s in whole[:len(steps) - 1]]
+            written = whole[len(steps) - 1]["text"]
+            assert steps[-1]["tokens"] == len(written[:written.index(stop) + len(stop)].encode())  # one byte, one token
+            assert steps[-1]["stop_reason"] == reply["glimp"]["stop_reason"] == "request_stop"
+            assert reply["usage"]["completion_tokens"] == sum(s["tokens"] for s in steps)
+            assert reply["glimp"]["summary"]["tokens"] == {
+                m: sum(s["tokens"] for s in steps if s["model"] == m) for m in ("small", "large")}
+            if stream:
+                assert reply["step_ends"] == steps
+
+
+def test_max_tokens_is_capped_at_what_the_context_leaves_after_the_prompt():
+    with fake_app(SCRIPT, tau=1.0) as client:
+        reply = fake_chat(client, False, max_tokens=10**12)
+        prompts = reply["glimp"]["prompt_tokens"]
+        assert set(prompts) == {"small", "large"}
+        assert reply["glimp"]["max_tokens"] == 4096 - max(prompts.values())
+        assert reply["glimp"]["stop_reason"] == "answer"
+        assert fake_chat(client, False, max_tokens=7)["glimp"]["max_tokens"] == 7
+        for bad in (0, -3, 2.5, True, "12"):
+            response = client.post("/v1/chat/completions", json={
+                "model": "glimp/fake", "messages": [{"role": "user", "content": "q?"}], "max_tokens": bad})
+            assert response.status_code == 400
+            assert response.json() == {"error": {"message": response.json()["error"]["message"],
+                                                 "type": "invalid_request_error", "param": "max_tokens", "code": None}}
 
 
 # --- the command line's edge ------------------------------------------------------------------
@@ -262,15 +351,16 @@ def free_port() -> int:
 
 
 class Server:
-    """A `glimp serve` process on 127.0.0.1 at a free port, ready when /health answers."""
+    """A `glimp serve` process on 127.0.0.1 at a free port (the tiny pair by default), ready when /health answers."""
 
-    def __init__(self, log_path: Path, config: Path, *args: str, env: dict | None = None):
+    def __init__(self, log_path: Path, config: Path, *args: str, env: dict | None = None, pair: str | None = None):
         self.port = free_port()
+        self.pair = pair or tiny_pair()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "glimp_cli", "serve", "--config", str(config), "--pair", tiny_pair(),
+            [sys.executable, "-m", "glimp_cli", "serve", "--config", str(config), "--pair", self.pair,
              "--port", str(self.port), "--max-tokens", str(MAX_TOKENS), "--max-step-tokens", str(MAX_STEP_TOKENS),
              *args], stdout=self.log, stderr=subprocess.STDOUT, env=env or clean_env())
         deadline = time.monotonic() + START_SECONDS
@@ -301,7 +391,7 @@ class Server:
         return status, json.loads(data)
 
     def load(self) -> dict:
-        return self.get("/health")[1]["load"][tiny_pair()]
+        return self.get("/health")[1]["load"][self.pair]
 
     def wait_load(self, what, seconds: float = REQUEST_SECONDS) -> dict:
         deadline = time.monotonic() + seconds
@@ -560,10 +650,118 @@ def test_bad_input_gets_openai_error_json_with_its_status(server):
         with pytest.raises(openai.BadRequestError) as caught:
             chat(client, "eleven " * 2500, stream=stream)
         assert caught.value.body["code"] == "context_length_exceeded" and "context of 2048" in caught.value.message
-    with pytest.raises(openai.BadRequestError) as caught:
-        chat(client, max_tokens=4000)
-    assert caught.value.body["code"] == "context_length_exceeded" and caught.value.body["param"] == "max_tokens"
+    # A budget past what the contexts leave after the prompt is capped there (the stop string ends the trace early).
+    capped = chat(client, max_tokens=4000, stop=[" "]).model_extra["glimp"]
+    assert capped["max_tokens"] == 2048 - max(capped["prompt_tokens"].values())
     assert "Traceback" not in server.output()
+
+
+# --- a server in front of an upstream the test controls ----------------------------------------
+
+UPSTREAM_CTX = 512
+HANG = "Never answered:"  # a question the upstream gets and never answers while the test runs
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    """A scripted OpenAI-compatible server with one model: it answers "The answer is 4." (or, to HANG, nothing)."""
+    release = threading.Event()
+    fake = FakeServer()
+    fake.on("/v1/models", (200, {"object": "list", "data": [{"id": "m"}]}))
+
+    def answer(body):
+        if HANG in body["prompt"]:
+            release.wait(REQUEST_SECONDS)  # as a server stuck in a long prefill
+        return 200, [event("The answer is 4."), event("", "stop")]
+
+    fake.on("/v1/completions", answer)
+    yield fake
+    release.set()
+    fake.close()
+
+
+@pytest.fixture(scope="module")
+def upstream_config(upstream, tmp_path_factory) -> Path:
+    """A pair `up` of two models behind the upstream (backend openai), in mode large: no probe."""
+    prompt = {"style": "plain", "template": "Q: {question}\nA:\n", "answer_marker": "The answer is"}
+    model = {"backend": "openai", "base_url": upstream.url, "model": "m", "n_ctx": UPSTREAM_CTX, "prompt": prompt}
+    config = {"models": {"up-small": dict(model), "up-large": dict(model)},
+              "pairs": {"up": {"small": "up-small", "large": "up-large", "estimator": "topk:20", "mode": "large"}}}
+    path = tmp_path_factory.mktemp("upstream") / "models.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def upstream_server(upstream_config, tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("serve-up") / "serve.log", upstream_config, pair="up")
+    yield srv
+    srv.stop()
+
+
+def post_chat(srv: Server, question: str, **fields):
+    body = {"model": "glimp/up", "messages": [{"role": "user", "content": question}], **fields}
+    status, data, _ = srv.request("POST", "/v1/chat/completions", json.dumps(body).encode(),
+                                  {"Content-Type": "application/json"})
+    return status, json.loads(data)
+
+
+def test_max_tokens_is_capped_at_the_context_before_it_reaches_an_upstream(upstream, upstream_server):
+    status, reply = post_chat(upstream_server, "What is 2+2?", max_tokens=10**12, max_step_tokens=10**12)
+    assert status == 200, reply
+    asked = [b["max_tokens"] for b in upstream.posted("/v1/completions") if "2+2" in b["prompt"]]
+    assert asked and max(asked) <= UPSTREAM_CTX
+    assert reply["glimp"]["max_tokens"] == UPSTREAM_CTX  # the server's prompt tokens are not visible here
+    assert reply["choices"][0]["message"]["content"] == "The answer is 4."
+
+
+def test_a_deeply_nested_body_is_a_400_in_openai_shape_and_no_traceback(upstream_server):
+    status, data, _ = upstream_server.request("POST", "/v1/chat/completions", b"[" * 200_000,
+                                              {"Content-Type": "application/json"})
+    error = json.loads(data)["error"]
+    assert status == 400, error
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_json" and "nested" in error["message"]
+    assert "Traceback" not in upstream_server.output()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_worker_stuck_in_an_upstream_call_is_abandoned_within_the_bound_and_the_server_exits(
+        sig, upstream, upstream_config, tmp_path):
+    srv = Server(tmp_path / "serve.log", upstream_config, "--workers", "1", "--queue", "1", pair="up")
+    replies: dict[str, tuple] = {}
+
+    def ask(name: str) -> None:
+        try:
+            replies[name] = post_chat(srv, f"{HANG} {name} {sig}?")
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            replies[name] = (None, repr(exc))
+
+    try:
+        running = threading.Thread(target=ask, args=("running",))
+        running.start()
+        deadline = time.monotonic() + REQUEST_SECONDS
+        while not any(f"running {sig}?" in b["prompt"] for b in upstream.posted("/v1/completions")):
+            assert time.monotonic() < deadline, srv.output()
+            time.sleep(0.05)
+        queued = threading.Thread(target=ask, args=("queued",))
+        queued.start()
+        srv.wait_load(lambda load: load["waiting"] == 1)
+        signalled = time.monotonic()
+        srv.proc.send_signal(sig)
+        assert srv.proc.wait(STOP_SECONDS + 30) == 0, srv.output()
+        assert time.monotonic() - signalled < STOP_SECONDS + 10  # on a busy machine; without the bound, minutes
+        for thread in (running, queued):
+            thread.join(30)
+        # Both requests are answered 503 when the bound is reached, before the process exits.
+        for name in ("running", "queued"):
+            status, reply = replies[name]
+            assert status == 503 and reply["error"]["code"] == "server_shutting_down", (name, reply)
+        lines = [line for line in srv.output().splitlines() if "abandoned" in line]
+        assert len(lines) == 1 and "glimp-serve-up-0" in lines[0] and f"{STOP_SECONDS:g} s" in lines[0], srv.output()
+        assert f"stopped ({signal.Signals(sig).name})" in srv.output() and "Traceback" not in srv.output()
+    finally:
+        srv.stop()
 
 
 class Chromium:

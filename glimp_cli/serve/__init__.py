@@ -11,6 +11,11 @@ from typing import Callable
 from glimp_cli.config import PairSpec, Registry
 from glimp_cli.errors import MissingExtraError
 
+# Seconds a stopping server waits for its workers. A worker still busy then (a long prefill, an
+# upstream call that does not answer) is abandoned: its request gets a 503 and the process exits.
+# Below app.SHUTDOWN_GRACE_SECONDS, so that the stream of an abandoned worker still ends with its error.
+STOP_SECONDS = 5.0
+
 
 @dataclass
 class ServeOptions:
@@ -24,6 +29,7 @@ class ServeOptions:
     queue_size: int = 8
     api_key_env: str | None = None
     max_body_bytes: int = 1_000_000
+    stop_seconds: float = STOP_SECONDS
     log: Callable[[str], None] = print
 
 

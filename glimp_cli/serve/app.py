@@ -35,13 +35,13 @@ class ServerState:
     max_body_bytes: int
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def close(self) -> None:
-        for pool in self.pools.values():
-            pool.close()
-
     def begin_shutdown(self) -> None:
         for pool in self.pools.values():
             pool.begin_shutdown()
+
+    def fail_unfinished(self) -> None:
+        for pool in self.pools.values():
+            pool.fail_unfinished()
 
 
 def build_app(state: ServerState) -> Starlette:
@@ -113,6 +113,8 @@ async def read_json(request: Request, limit: int):
         return json.loads(bytes(data))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to parse", code="invalid_json") from None
 
 
 async def complete(request: Request, kind: str, state: ServerState) -> Response:

@@ -98,7 +98,6 @@ class CompletionRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
-    max_tokens_given: bool = False  # the client set a budget: it must fit the context with the prompt
 
 
 def parse_request(kind: str, body: Any, pairs: dict[str, ServedPair]) -> CompletionRequest:
@@ -128,7 +127,7 @@ def parse_request(kind: str, body: Any, pairs: dict[str, ServedPair]) -> Complet
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}
                                 or not isinstance(options.get("include_usage", False), bool)):
         raise ApiError(400, "stream_options must be an object with include_usage true or false", param="stream_options")
-    values, budget_given = _settings(body, mode)
+    values = _settings(body, mode)
     pair = served.spec
     try:
         pair = dataclasses.replace(pair, **values)
@@ -137,7 +136,7 @@ def parse_request(kind: str, body: Any, pairs: dict[str, ServedPair]) -> Complet
         key = str(exc).split(":", 1)[0]
         raise ApiError(400, str(exc), param=key) from None
     return CompletionRequest(kind, body["model"], pair, question, _stop(body.get("stop")), bool(stream),
-                             bool((options or {}).get("include_usage")), budget_given)
+                             bool((options or {}).get("include_usage")))
 
 
 def resolve_model(model: Any, pairs: dict[str, ServedPair]) -> tuple[ServedPair, str | None]:
@@ -209,7 +208,7 @@ def _nonempty(text: str, where: str) -> str:
     return text
 
 
-def _settings(body: dict, mode_from_id: str | None) -> tuple[dict, bool]:
+def _settings(body: dict, mode_from_id: str | None) -> dict:
     """Pair settings this request overrides (request field > model id suffix > the server's)."""
     values: dict[str, Any] = {}
     if "temperature" in body and body["temperature"] is not None:
@@ -234,7 +233,7 @@ def _settings(body: dict, mode_from_id: str | None) -> tuple[dict, bool]:
         raise ApiError(400, f"mode {mode!r} is not one of {', '.join(MODES)}", param="mode")
     if mode or mode_from_id:
         values["mode"] = mode or mode_from_id
-    return values, bool(budgets)
+    return values
 
 
 def _number(body: dict, key: str, lo: float, hi: float) -> float:

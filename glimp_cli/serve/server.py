@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import signal
 import socket
+from time import monotonic
 
 import uvicorn
 from sse_starlette.sse import AppStatus
@@ -21,20 +23,36 @@ from glimp_cli.serve.workers import WorkerPool
 class _Server(uvicorn.Server):
     """uvicorn's server, told to stop the workers at the first signal and not to re-raise it after."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState):
+    def __init__(self, config: uvicorn.Config, state: ServerState, stop_seconds: float):
         super().__init__(config)
         self.state = state
+        self.stop_seconds = stop_seconds
         self.stop_signal: int | None = None
+        self._deadline: float | None = None
+
+    def deadline(self) -> float:
+        """When waiting for the workers ends: `stop_seconds` after the first signal."""
+        if self._deadline is None:
+            self._deadline = monotonic() + self.stop_seconds
+        return self._deadline
 
     def handle_exit(self, sig: int, frame) -> None:
         # Runs in the signal handler: only flags. Jobs stop at their next token and streams end
         # with an error chunk; a second Ctrl-C stops waiting for them.
+        self.deadline()
         self.state.begin_shutdown()
         AppStatus.should_exit = True
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         self.should_exit = True
         self.stop_signal = self.stop_signal or sig
+
+    async def shutdown(self, sockets=None) -> None:
+        # A worker stuck in a long call never sends its job's answer: the server sends a 503 in its place,
+        # so that uvicorn does not wait for those connections past the deadline.
+        delay = max(0.0, self.deadline() - monotonic())
+        asyncio.get_running_loop().call_later(delay, self.state.fail_unfinished)
+        await super().shutdown(sockets)
 
 
 def run(options: ServeOptions) -> str:
@@ -48,6 +66,7 @@ def run(options: ServeOptions) -> str:
         raise UsageError("--max-body-bytes must be at least 1024")
     sock = _bind(options.host, options.port)
     pools: dict[str, WorkerPool] = {}
+    server = None
     try:
         served = {}
         for pair in options.pairs:
@@ -65,7 +84,7 @@ def run(options: ServeOptions) -> str:
         state = ServerState(served, pools, api_key, options.max_body_bytes)
         config = uvicorn.Config(build_app(state), log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=int(SHUTDOWN_GRACE_SECONDS) + 5)
-        server = _Server(config, state)
+        server = _Server(config, state, options.stop_seconds)
         host, port = sock.getsockname()[:2]
         where = f"[{host}]" if ":" in host else host
         ids = ", ".join(p.model_ids()[0] for p in served.values())
@@ -77,9 +96,13 @@ def run(options: ServeOptions) -> str:
         server.run(sockets=[sock])
         return signal.Signals(server.stop_signal).name if server.stop_signal else "stopped"
     finally:
-        for pool in pools.values():
-            pool.close()
+        deadline = server.deadline() if server else monotonic() + options.stop_seconds
+        abandoned = [worker for pool in pools.values() for worker in pool.stop(deadline)]
         sock.close()
+        if abandoned:
+            waited = monotonic() - deadline + options.stop_seconds
+            options.log(f"glimp serve: abandoned {len(abandoned)} worker(s) still busy {waited:.1f} s after the stop "
+                        f"(limit {options.stop_seconds:g} s): {', '.join(abandoned)}")
 
 
 def _api_key(env_name: str | None) -> str | None:

@@ -7,10 +7,15 @@ only whitespace before the answer marker or that a draft-then-verify policy reje
 sent once non-whitespace text follows it, drafts of rewriting policies wait for their step to settle,
 and the tail that could still grow into a stop string is held back. The streamed deltas therefore add
 up to exactly the content of the non-streaming answer.
+
+A stop string may cut a step, even one still being written: `shown_steps` then gives the steps as the
+content shows them, so that the record and usage agree with the text.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from time import perf_counter
 from typing import Callable
 
 from glimp_cli.router import Step
@@ -47,19 +52,26 @@ class TraceStream:
         self.stopped = False  # a request stop string was reached: content ends at `cut`
         self.cut: int | None = None
         self._step: dict | None = None  # the step being written: index, model, h_init
+        self._writing = False  # the router is writing `_step` (it has not settled it yet)
+        self._started = 0.0
         self._announced = False
         self._live = ""
+        self._pieces = 0  # text pieces of the step being written
 
     # StepListener
     def step_started(self, index: int, model: str, h_init: float | None) -> None:
         self._check()
         self._step = {"index": index, "model": model, "h_init": h_init}
+        self._writing = True
+        self._started = perf_counter()
         self._announced = False
         self._live = ""
+        self._pieces = 0
 
     def text(self, piece: str) -> None:
         self._check()
         self._live += piece
+        self._pieces += 1
         if self.hold_small_drafts and self._step and self._step["model"] == "small":
             return
         visible = self._live.rstrip()
@@ -68,10 +80,12 @@ class TraceStream:
 
     def draft_discarded(self, index: int, tokens: int) -> None:
         self._live = ""  # nothing of it was sent: only whitespace, or a held draft
+        self._pieces = 0
 
     # driven by the worker
     def step_finished(self, step: Step) -> None:
         """The router settled a step: its text is final; send it (the step's start if not yet)."""
+        self._writing = False
         if self._step is None or self._step["index"] != step.index or self._step["model"] != step.model:
             self._step = {"index": step.index, "model": step.model, "h_init": step.h_init}
             self._announced = False
@@ -89,6 +103,29 @@ class TraceStream:
         if not self.stopped:
             self._advance(self.committed, final=True)
         return self.content
+
+    def shown_steps(self, steps: list[Step], written_tokens: Callable[[str, int], int]) -> list[Step]:
+        """After a stop string: `steps` and the step being written, each as far as the cut.
+
+        `written_tokens(model, pieces)` counts the tokens of the step being written (`pieces` streamed).
+        """
+        if self._writing:
+            step = self._step
+            steps = [*steps, Step(step["index"], step["model"], step["h_init"], self._live,
+                                  written_tokens(step["model"], self._pieces), probe_seconds=0.0,
+                                  generate_seconds=perf_counter() - self._started, prefill_seconds=0.0,
+                                  prefill_tokens=0, discarded_tokens=0, stop_reason="request_stop")]
+        shown, start = [], 0
+        # A step that starts past the cut shows nothing: the stop string began in the delimiter before it.
+        for step in steps:
+            if start > self.cut:
+                break
+            shown.append(replace(step, text=step.text[: self.cut - start]))
+            start += len(step.text) + len(self.delimiter)
+        shown[-1] = replace(shown[-1], stop_reason="request_stop")
+        if self.emit and len(shown) > self.finished_steps:  # the step being written has had no step_end yet
+            self.emit(("step_end", step_record(shown[-1])))
+        return shown
 
     @property
     def content(self) -> str:

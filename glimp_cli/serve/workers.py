@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import math
 import queue
 import sys
@@ -11,10 +13,11 @@ import traceback
 import uuid
 from collections import deque
 from statistics import median
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import Callable
 
 from glimp_cli import __version__
+from glimp_cli.config import PairSpec
 from glimp_cli.engine import Engine, pair_policy
 from glimp_cli.errors import ContextLimitError, GlimpError
 from glimp_cli.grading import extract_answer
@@ -70,8 +73,13 @@ class WorkerPool:
         self._recent: deque[float] = deque(maxlen=32)
         self.busy = 0
         self.outcomes: dict[str, int] = {}  # how admitted jobs ended: done, error, disconnected, shutdown
-        self._threads = [threading.Thread(target=self._work, args=(engine,), name=f"glimp-serve-{name}-{i}", daemon=True)
-                         for i, engine in enumerate(engines)]
+        self._unfinished: set[Job] = set()  # admitted jobs whose worker has not finished them
+        self._running: list[Job | None] = [None] * len(engines)  # each worker's job
+        # Set as each worker returns (after a Ctrl-C, Thread.join may take a live thread for stopped).
+        self._exited = [threading.Event() for _ in engines]
+        # Daemon threads: a worker that never returns (see `stop`) must not keep the process alive.
+        self._threads = [threading.Thread(target=self._work, args=(i, engine), name=f"glimp-serve-{name}-{i}",
+                                          daemon=True) for i, engine in enumerate(engines)]
         for thread in self._threads:
             thread.start()
 
@@ -86,6 +94,7 @@ class WorkerPool:
                                kind="server_error", code="server_overloaded",
                                headers={"Retry-After": str(self.retry_after())})
             self._admitted += 1
+            self._unfinished.add(job)
         self._jobs.put(job)
 
     def load(self) -> dict:
@@ -102,17 +111,42 @@ class WorkerPool:
         """Make every running and waiting job stop at its next token (safe in a signal handler)."""
         self.stopping = True
 
-    def close(self) -> None:
-        """Stop the workers once their jobs have stopped, then release the models."""
+    def fail_unfinished(self) -> None:
+        """Answer every job no worker has finished with a 503 (their workers did not stop in time)."""
+        with self._lock:
+            jobs = list(self._unfinished)
+        for job in jobs:
+            job.put(("error", shutting_down()))
+
+    def stop(self, deadline: float) -> list[str]:
+        """Stop the workers, waiting for them until `deadline` (time.monotonic()), and release their models.
+
+        Returns the workers still busy then, each with its request: they are abandoned, models and all.
+        """
         self.stopping = True
         for _ in self._threads:
             self._jobs.put(None)
-        for thread in self._threads:
-            thread.join()
-        for engine in self.engines:
-            engine.close()
+        try:
+            for exited in self._exited:
+                exited.wait(max(0.0, deadline - monotonic()))
+        except KeyboardInterrupt:
+            pass  # another Ctrl-C: stop waiting
+        abandoned = []
+        for thread, exited, engine, job in zip(self._threads, self._exited, self.engines, self._running):
+            if exited.is_set():
+                engine.close()
+            else:
+                # Its models may be in use right now: releasing them under a running call could crash.
+                abandoned.append(f"{thread.name} ({job.ident if job else 'between requests'})")
+        return abandoned
 
-    def _work(self, engine: Engine) -> None:
+    def _work(self, index: int, engine: Engine) -> None:
+        try:
+            self._serve_jobs(index, engine)
+        finally:
+            self._exited[index].set()
+
+    def _serve_jobs(self, index: int, engine: Engine) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
@@ -120,6 +154,7 @@ class WorkerPool:
             start = perf_counter()
             with self._lock:
                 self.busy += 1
+                self._running[index] = job
             outcome = "error"
             try:
                 outcome = run_job(engine, job, lambda: job.cancel_reason or (SHUTDOWN if self.stopping else None))
@@ -127,6 +162,8 @@ class WorkerPool:
                 with self._lock:
                     self.busy -= 1
                     self._admitted -= 1
+                    self._unfinished.discard(job)
+                    self._running[index] = None
                     self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
                 self._recent.append(perf_counter() - start)
 
@@ -149,11 +186,11 @@ def run_job(engine: Engine, job: Job, cancelled: Callable[[], str | None]) -> st
         return reason  # a client that left while waiting needs no answer
     try:
         policy = pair_policy(request.pair)
-        prompts = prompt_lengths(engine, request, policy.models)
+        pair, prompts = fit_context(engine, request, policy.models)
         job.put(("started",))
-        stream = TraceStream(request.pair.delimiter, request.stop, policy.rewrite is not None,
+        stream = TraceStream(pair.delimiter, request.stop, policy.rewrite is not None,
                              job.put if request.stream else None, cancelled)
-        trace = engine.router(policy, request.pair).run(request.question, stream)
+        trace = engine.router(policy, pair).run(request.question, stream)
         try:
             for step in trace:
                 stream.step_finished(step)
@@ -164,8 +201,10 @@ def run_job(engine: Engine, job: Job, cancelled: Callable[[], str | None]) -> st
                 job.put(("error", ApiError(503, "the server is shutting down: generation was stopped",
                                            kind="server_error", code="server_shutting_down")))
                 return SHUTDOWN
+            # A request stop string: the record (steps, summary, usage) shows what the content shows.
+            trace.steps[:] = stream.shown_steps(trace.steps, functools.partial(written_tokens, engine, trace))
         content = stream.finish()
-        job.put(("done", trace_result(request, trace, policy, content, prompts, stream.stopped)))
+        job.put(("done", trace_result(request, pair, trace, policy, content, prompts, stream.stopped)))
         return "done"
     except ApiError as exc:
         job.put(("error", exc))
@@ -183,14 +222,20 @@ def run_job(engine: Engine, job: Job, cancelled: Callable[[], str | None]) -> st
         return "error"
 
 
-def prompt_lengths(engine: Engine, request: CompletionRequest, roles) -> dict[str, int]:
-    """Prompt tokens per model the policy uses; a 400 when the prompt (and the asked budget) cannot fit."""
+def fit_context(engine: Engine, request: CompletionRequest, roles) -> tuple[PairSpec, dict[str, int]]:
+    """The request's pair with max_tokens capped at what the context of each model in `roles` leaves after
+    its prompt, and the prompt tokens per model; a 400 when a prompt does not fit."""
     pair = request.pair
+    room = pair.max_tokens
     lengths = {}
     for role in ("small", "large"):
         backend = engine.backends.get(role)
-        if role not in roles or backend is None or getattr(backend, "context", "tokens") == "text":
-            continue  # a server-side model's tokenizer is not at hand: its server refuses what does not fit
+        if role not in roles or backend is None:
+            continue
+        if getattr(backend, "context", "tokens") == "text":
+            # A server-side model's tokenizer is not at hand: its server refuses a prompt that does not fit.
+            room = min(room, backend.n_ctx)
+            continue
         name = getattr(pair, role)
         text = render_prompt(engine.registry.model(name).prompt, request.question, backend.chat_template,
                              backend.bos_token, backend.eos_token, backend.name)
@@ -200,24 +245,32 @@ def prompt_lengths(engine: Engine, request: CompletionRequest, roles) -> dict[st
             raise ApiError(400, f"the prompt is {n} tokens but model {name!r} has a context of {backend.n_ctx} "
                                 "tokens: shorten the question", param=_question_param(request),
                            code="context_length_exceeded")
-        if request.max_tokens_given and n + pair.max_tokens > backend.n_ctx:
-            raise ApiError(400, f"model {name!r} has a context of {backend.n_ctx} tokens: the prompt takes {n} and "
-                                f"max_tokens asks for {pair.max_tokens} more", param="max_tokens",
-                           code="context_length_exceeded")
         lengths[role] = n
-    return lengths
+        room = min(room, backend.n_ctx - n)
+    return dataclasses.replace(pair, max_tokens=room), lengths
 
 
-def trace_result(request: CompletionRequest, trace, policy, content: str, prompts: dict[str, int],
+def written_tokens(engine: Engine, trace, role: str, pieces: int) -> int:
+    """Tokens `role` generated for the step a stop string stopped: its context past the settled trace.
+
+    A server-side model's tokens are not visible: there, the text pieces it streamed (at most its tokens).
+    """
+    backend = engine.backends[role]
+    if getattr(backend, "context", "tokens") == "text":
+        return pieces
+    return len(backend.tokens) - trace.context_tokens[role]
+
+
+def trace_result(request: CompletionRequest, pair: PairSpec, trace, policy, content: str, prompts: dict[str, int],
                  stopped: bool) -> dict:
     """The finished request: content, finish_reason, usage and the `glimp` record (as `glimp ask --json`)."""
-    pair = request.pair
     record = trace.to_dict()
     record.pop("question")
     if stopped:
         record["stop_reason"] = "request_stop"
     record.update(pair=pair.name, small=pair.small, large=pair.large, tau=pair.tau, mode=pair.mode,
-                  estimator=pair.estimator, extracted_answer=extract_answer(trace.answer_text) if trace.steps else None,
+                  estimator=pair.estimator, max_tokens=pair.max_tokens,
+                  extracted_answer=extract_answer(trace.answer_text) if trace.steps else None,
                   timing=policy.timing, version=__version__, prompt_tokens=prompts,
                   large_share=record["summary"]["large_share_steps"])
     completion = sum(step.tokens for step in trace.steps)
