@@ -42,13 +42,13 @@ from glimp_cli import calibrate
 from glimp_cli.batch import ResultsFile, pair_settings, run_batch
 from glimp_cli.config import PairSpec, compile_probe_skip, load_registry
 from glimp_cli.engine import Engine
-from glimp_cli.entropy import log_softmax, topk_entropy
+from glimp_cli.entropy import exact_entropy, log_softmax, topk_entropy
 from glimp_cli.grading import extract_answer, grade
 from glimp_cli.policies import LARGE, SMALL, Policy, always_small, threshold
 from glimp_cli.questions import Question, load_questions
 from glimp_cli.report import bootstrap_auroc, spearman
 from glimp_cli.router import MAX_SKIP_TOKENS, Step, _Side
-from glimp_cli.signals import margin_doubt, top1_doubt
+from glimp_cli.signals import content_start, margin_doubt, top1_doubt
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data" / "gsm8k" / "test-1-1219.jsonl"
@@ -141,6 +141,19 @@ def marker_length(side: _Side, content: Sequence[int], pattern) -> int:
     return 0
 
 
+def content_token(side: _Side, tokens: Sequence[int], cap: int = MAX_SKIP_TOKENS) -> int | None:
+    """Index of the token in which the step's content begins (see signals.content_start), within `cap` tokens."""
+    data, ends = b"", []
+    for token in tokens[:cap]:
+        data += side.backend.token_bytes(token)
+        text = data.decode("utf-8", errors="ignore")
+        ends.append(len(text))
+        start = content_start(text)
+        if start is not None:
+            return next(i for i, end in enumerate(ends) if end > start)
+    return None
+
+
 def score_trace(small: Scorer, large: Scorer, record: dict, pattern) -> list[dict]:
     """One row per probed step of a recorded trace: the small model's signals and, for its own steps, the labels."""
     steps = [Step.from_dict(s) for s in record["steps"]]
@@ -163,6 +176,8 @@ def score_trace(small: Scorer, large: Scorer, record: dict, pattern) -> list[dic
             entropies.append(float(-(p[p > 0] * lp[p > 0]).sum()))
             logprobs.append(float(lp[token]))
         skip = marker_length(small.side, content, pattern)
+        # The first token of content, read across a content-free line (`\[`) into the next step's tokens.
+        at = content_token(small.side, tokens[start:])
         row = {
             "id": record["id"], "index": j, "writer": step.model,
             "previous": steps[j - 1].model if j else None, "correct": record.get("correct"),
@@ -173,6 +188,8 @@ def score_trace(small: Scorer, large: Scorer, record: dict, pattern) -> list[dic
             "top1_doubt": top1_doubt(first),
             "margin_doubt": margin_doubt(first),
             "h_skip": entropies[skip] if skip else entropies[0], "skip_tokens": skip,
+            "h_content": exact_entropy(rows_small[start - 1 + at]) if at is not None else entropies[0],
+            "content_tokens": at,
             "position": j,
             **{f"draft_mean{k}": float(np.mean(entropies[:k])) for k in DRAFT_KS},
             **{f"draft_max{k}": float(np.max(entropies[:k])) for k in DRAFT_KS},
@@ -295,6 +312,7 @@ SIGNALS = [
     ("top1_doubt", "1 - top-1 probability", "0"),
     ("margin_doubt", "1 - (top-1 - top-2) margin", "0"),
     ("h_skip", "H_init read past a list marker (probe_skip)", "the marker (1-3)"),
+    ("h_content", "H_init at the first token of content", "the markup (0-8)"),
     ("draft_mean2", "mean entropy, first 2 tokens", "1"),
     ("draft_max2", "max entropy, first 2 tokens", "1"),
     ("draft_mean4", "mean entropy, first 4 tokens", "3"),

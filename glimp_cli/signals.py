@@ -55,3 +55,41 @@ PROBE_SIGNALS: dict[str, Callable[[np.ndarray], float]] = {
     "top1_doubt": top1_doubt,
     "margin_doubt": margin_doubt,
 }
+
+
+# A list number that opens a line ("2. ", "10) ") says nothing about the step it opens.
+MAX_ENUMERATOR_DIGITS = 3
+
+
+def content_start(text: str) -> int | None:
+    """Where a step's content begins: its first letter or digit that is not a list number; None while undecided.
+
+    Whitespace, line breaks, punctuation and markup (`\\[`, `**`, `- `, `$`) are not content; a number of up
+    to three digits followed by `.` or `)` and whitespace is a list number, any other number is content
+    ("16 - 3"). None means the text read so far cannot tell yet (no content, or "2" that may become "2. ").
+    """
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char.isalpha():
+            return i
+        if not char.isdigit():
+            i += 1
+            continue
+        j = i
+        while j < len(text) and text[j].isdigit():
+            j += 1
+        if j - i > MAX_ENUMERATOR_DIGITS or not _opens_line(text, i):
+            return i  # a number that cannot be a list number is content
+        if j == len(text) or (text[j] in ".)" and j + 1 == len(text)):
+            return None  # "2" or "2." may still become a list number
+        if text[j] in ".)" and text[j + 1].isspace():
+            i = j + 1  # a list number: the content is what follows it
+            continue
+        return i
+    return None
+
+
+def _opens_line(text: str, i: int) -> bool:
+    """Only whitespace between the last line break (or the start) and position `i`."""
+    return not text[text.rfind("\n", 0, i) + 1:i].strip()
