@@ -84,8 +84,8 @@ class RouteSettings:
     max_tokens: int = 1024
     max_step_tokens: int = 256
     probe_skip: str | None = None  # regex of leading step text H_init is read past (see probe_past)
-    # A trace that ends without an answer gets the answer marker and this many tokens to state one
-    # (0: never); they come on top of max_tokens.
+    # A trace that ends without an answer gets the answer marker and up to this many tokens to state
+    # one (0: never), kept out of max_tokens for it (at most half of it).
     forced_answer_tokens: int = 32
 
 
@@ -540,7 +540,7 @@ class _TraceRun:
             yield step
         while end is None:
             costs = _StepCosts(len(self.trace.steps))
-            budget = self.settings.max_tokens - self.generated
+            budget = self.settings.max_tokens - self.answer_reserve - self.generated
             if budget <= 0:
                 # The last step ended at its delimiter with the budget used up: no empty step after it.
                 end = "max_tokens"
@@ -575,11 +575,17 @@ class _TraceRun:
         """Who states the answer: the large model, unless the policy lets the small one (small alone)."""
         return LARGE if self.policy.large_answers else SMALL
 
+    @functools.cached_property
+    def answer_reserve(self) -> int:
+        """Tokens of max_tokens kept for a forced answer (at most half), so that a trace never exceeds max_tokens."""
+        if not self.router._sides[self.answering_role()].slot.prompt.answer_marker:
+            return 0
+        return min(self.settings.forced_answer_tokens, self.settings.max_tokens // 2)
+
     def needs_forced_answer(self, end: str | None) -> bool:
         """A trace that ended for another reason than its answer, and states none, gets one forced."""
-        marker = self.router._sides[self.answering_role()].slot.prompt.answer_marker
         stated = any(m in text for text in self.texts for m in self.router.answer_markers)
-        return end != "answer" and not stated and bool(marker) and self.settings.forced_answer_tokens > 0
+        return end != "answer" and not stated and self.answer_reserve > 0
 
     def force_answer(self, why: str) -> Step | None:
         """Append the answer marker and let the answering model state its answer in a few tokens.
@@ -591,7 +597,7 @@ class _TraceRun:
         side = self.router._sides[role]
         costs = _StepCosts(len(self.trace.steps))
         marker = side.slot.prompt.answer_marker
-        n = self.settings.forced_answer_tokens
+        n = min(self.settings.forced_answer_tokens, self.settings.max_tokens - self.generated)
         try:
             self.catch_up(side, costs)
             t0 = perf_counter()

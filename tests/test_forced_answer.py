@@ -46,22 +46,26 @@ def test_small_alone_states_its_own_forced_answer():
 
 def test_a_budget_cut_mid_step_gets_a_delimiter_before_the_marker():
     script = [S(2.0, "abcdefgh", "ABCDEFGH"), S(0.1, "The answer is 1.", "The answer is 42.")]
-    router = fake_router(script, always_large(), max_tokens=4)
+    router = fake_router(script, always_large(), max_tokens=8, forced_answer_tokens=4)
     trace, steps = run(router)
     assert trace.stop_reason == "max_tokens" and steps[0].text == "ABCD"
     assert steps[-1].text == "The answer is 42." and steps[-1].forced == "max_tokens"
-    assert context_text(router, "large").endswith("ABCD\n\nThe answer is 42.\n\n")
+    assert context_text(router, "large").endswith("ABCD\n\nThe answer is 42.")
 
 
-def test_the_forced_answer_has_its_own_few_tokens():
-    script = [S(2.0, "abcdefgh", "ABCDEFGH"), S(0.1, "x", "The answer is 1234567890.")]
-    _, steps = run(fake_router(script, always_large(), max_tokens=4, forced_answer_tokens=5))
+def test_the_forced_answer_has_its_own_few_tokens_kept_out_of_max_tokens():
+    script = [S(2.0, "abcdefghijklmnop", "ABCDEFGHIJKLMNOP"), S(0.1, "x", "The answer is 1234567890.")]
+    _, steps = run(fake_router(script, always_large(), max_tokens=14, forced_answer_tokens=5))
+    assert steps[0].text == "ABCDEFGHI" and steps[0].tokens == 9  # the reasoning stops 5 tokens early
     assert steps[-1].tokens == 5 and steps[-1].text == "The answer is 1234"
+    # A trace that loops early still gets only forced_answer_tokens to answer in.
+    _, steps = run(fake_router(LOOP, threshold(1.0), forced_answer_tokens=2))
+    assert steps[-1].tokens == 2 and steps[-1].text == "The answer is 4"
 
 
 def test_a_model_that_says_nothing_after_the_marker_is_recorded_as_no_answer():
     script = [S(2.0, "abcdefgh", "ABCDEFGH")]  # nothing scripted after it: the fake ends generation
-    trace, steps = run(fake_router(script, always_large(), max_tokens=4))
+    trace, steps = run(fake_router(script, always_large(), max_tokens=8))
     assert steps[-1].text == "The answer is" and steps[-1].stop_reason == "no_answer"
     assert trace.forced_answer == "max_tokens"
 

@@ -146,7 +146,8 @@ def test_trace_stop_reasons(case, expected):
     assert trace.forced_answer == expected and steps[-1].forced == expected and steps[-1].model == "large"
     steps = reasoning(steps)
     if case == "max_tokens":
-        assert sum(s.tokens for s in steps) == 10
+        # Half the budget is kept for the forced answer (forced_answer_tokens, at most half): never more than 10.
+        assert sum(s.tokens for s in steps) == 5 and sum(s.tokens for s in trace.steps) <= 10
     if case == "repetition":
         # A run of three steps came round again: that is a loop, caught when it completes.
         assert [s.text for s in steps] == ["aaaa", "bbbb", "CCCC"] * 2
@@ -294,8 +295,8 @@ def test_the_answer_step_runs_past_the_delimiter_to_the_answer(policy):
 def test_a_step_that_uses_up_max_tokens_at_its_delimiter_is_the_last():
     # "aaaa" + blank line is 6 tokens: two steps use the budget of 12 exactly.
     script = [S(0.1, "aaaa", "AAAA"), S(2.0, "bbbb", "BBBB"), S(0.1, "cccc", "CCCC")]
-    trace, steps = run(fake_router(script, threshold(1.0), max_tokens=12))
-    assert [s.text for s in reasoning(steps)] == ["aaaa", "BBBB"]
+    trace, steps = run(fake_router(script, threshold(1.0), max_tokens=12, forced_answer_tokens=0))
+    assert [s.text for s in steps] == ["aaaa", "BBBB"]
     assert trace.stop_reason == "max_tokens"
 
 

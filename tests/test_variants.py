@@ -118,8 +118,8 @@ def test_a_skipped_marker_counts_against_the_step_and_trace_limits():
     # A limit that leaves no token after the marker: the probe does not read past it.
     _, steps = run(fake_router(script, threshold(1.0), probe_skip=MARKER, max_step_tokens=2))
     assert steps[0].h_init == pytest.approx(0.3, abs=1e-5) and steps[0].tokens == 2
-    trace, steps = run(fake_router(script, threshold(1.0), probe_skip=MARKER, max_tokens=4))
-    assert sum(s.tokens for s in steps if s.forced is None) == 4 and trace.stop_reason == "max_tokens"
+    trace, steps = run(fake_router(script, threshold(1.0), probe_skip=MARKER, max_tokens=4, forced_answer_tokens=0))
+    assert sum(s.tokens for s in steps) == 4 and trace.stop_reason == "max_tokens"
 
 
 def test_small_alone_records_the_skipped_h_init_and_large_alone_does_no_probe():
