@@ -48,7 +48,7 @@ from glimp_cli.policies import LARGE, SMALL, Policy, always_small, threshold
 from glimp_cli.questions import Question, load_questions
 from glimp_cli.report import bootstrap_auroc, spearman
 from glimp_cli.router import MAX_SKIP_TOKENS, Step, _Side
-from glimp_cli.signals import content_start, margin_doubt, top1_doubt
+from glimp_cli.signals import content_token, margin_doubt, top1_doubt
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data" / "gsm8k" / "test-1-1219.jsonl"
@@ -141,19 +141,6 @@ def marker_length(side: _Side, content: Sequence[int], pattern) -> int:
     return 0
 
 
-def content_token(side: _Side, tokens: Sequence[int], cap: int = MAX_SKIP_TOKENS) -> int | None:
-    """Index of the token in which the step's content begins (see signals.content_start), within `cap` tokens."""
-    data, ends = b"", []
-    for token in tokens[:cap]:
-        data += side.backend.token_bytes(token)
-        text = data.decode("utf-8", errors="ignore")
-        ends.append(len(text))
-        start = content_start(text)
-        if start is not None:
-            return next(i for i, end in enumerate(ends) if end > start)
-    return None
-
-
 def score_trace(small: Scorer, large: Scorer, record: dict, pattern) -> list[dict]:
     """One row per probed step of a recorded trace: the small model's signals and, for its own steps, the labels."""
     steps = [Step.from_dict(s) for s in record["steps"]]
@@ -177,7 +164,7 @@ def score_trace(small: Scorer, large: Scorer, record: dict, pattern) -> list[dic
             logprobs.append(float(lp[token]))
         skip = marker_length(small.side, content, pattern)
         # The first token of content, read across a content-free line (`\[`) into the next step's tokens.
-        at = content_token(small.side, tokens[start:])
+        at = content_token(small.side.backend.token_bytes, tokens[start:], MAX_SKIP_TOKENS)
         row = {
             "id": record["id"], "index": j, "writer": step.model,
             "previous": steps[j - 1].model if j else None, "correct": record.get("correct"),

@@ -49,8 +49,8 @@ PROBED = "probed (not a baseline)"
 def pair_settings(pair: PairSpec) -> dict:
     """The run settings every record of one results file shares (the resume key).
 
-    `probe_skip` and `tau_after_large` are there only when set, and `forced_answer_tokens` only when
-    answers are forced, so results written before they existed keep their key (and mean what they did).
+    `probe_skip` and `tau_after_large` are there only when set, `probe_at` only when not "first", and
+    `forced_answer_tokens` only when answers are forced, so results written before they existed keep their key (and mean what they did).
     """
     settings = {
         "pair": pair.name,
@@ -71,6 +71,8 @@ def pair_settings(pair: PairSpec) -> dict:
             settings[key] = getattr(pair, key)
     if pair.forced_answer_tokens:
         settings["forced_answer_tokens"] = pair.forced_answer_tokens
+    if pair.probe_at != "first":
+        settings["probe_at"] = pair.probe_at
     return settings
 
 

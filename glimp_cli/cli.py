@@ -65,6 +65,7 @@ MaxTokOpt = typer.Option(None, "--max-tokens", envvar="GLIMP_MAX_TOKENS", help="
 MaxStepOpt = typer.Option(None, "--max-step-tokens", envvar="GLIMP_MAX_STEP_TOKENS", help="Token limit of one step.")
 DelimOpt = typer.Option(None, "--delimiter", envvar="GLIMP_DELIMITER", help="Step delimiter; the escapes \\n \\t \\r \\\\ \\xHH \\uXXXX are read, other characters kept as typed (default: a blank line).")
 SkipOpt = typer.Option(None, "--probe-skip", envvar="GLIMP_PROBE_SKIP", help="Regex of leading step text (e.g. a list number) the probe reads past: H_init is the entropy of the token after it (in-process small model only).")
+ProbeAtOpt = typer.Option(None, "--probe-at", envvar="GLIMP_PROBE_AT", help="Where the probe reads H_init: 'first' (the step's first token, the paper's) or 'content' (its first token of content, past markup and a list number; in-process small model only).")
 AfterLargeOpt = typer.Option(None, "--tau-after-large", envvar="GLIMP_TAU_AFTER_LARGE", help="glimp's tau for a step that follows a large-model step (default: tau for every step).")
 EstOpt = typer.Option(None, "--estimator", envvar="GLIMP_ESTIMATOR", help="H_init estimator: exact (full vocabulary) or topk:K.")
 ProbeOpt = typer.Option(False, "--probe-baseline", help="In large mode, also probe the small model to record H_init (timings are then not a baseline).")
@@ -131,6 +132,7 @@ def ask(
     delimiter: Optional[str] = DelimOpt,
     estimator: Optional[str] = EstOpt,
     probe_skip: Optional[str] = SkipOpt,
+    probe_at: Optional[str] = ProbeAtOpt,
     tau_after_large: Optional[float] = AfterLargeOpt,
     probe_baseline: bool = ProbeOpt,
     config: Optional[Path] = ConfigOpt,
@@ -148,7 +150,7 @@ def ask(
             raise UsageError("the question is empty")
         values = dict(small=small, large=large, tau=tau, mode=mode, large_share=large_share,
                       temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens,
-                      max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator, probe_skip=probe_skip,
+                      max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator, probe_skip=probe_skip, probe_at=probe_at,
                       tau_after_large=tau_after_large)
         registry, pair_spec = _resolve(ctx, config, pair, values, verbose)
         policy = pair_policy(pair_spec, probe_baseline)
@@ -249,6 +251,7 @@ def batch(
     delimiter: Optional[str] = DelimOpt,
     estimator: Optional[str] = EstOpt,
     probe_skip: Optional[str] = SkipOpt,
+    probe_at: Optional[str] = ProbeAtOpt,
     tau_after_large: Optional[float] = AfterLargeOpt,
     config: Optional[Path] = ConfigOpt,
     verbose: bool = VerboseOpt,
@@ -278,7 +281,7 @@ def batch(
             raise UsageError("--resume and --overwrite exclude each other")
         values = dict(small=small, large=large, tau=tau, large_share=large_share, temperature=temperature,
                       top_p=top_p, seed=seed, max_tokens=max_tokens, max_step_tokens=max_step_tokens,
-                      delimiter=delimiter, estimator=estimator, probe_skip=probe_skip,
+                      delimiter=delimiter, estimator=estimator, probe_skip=probe_skip, probe_at=probe_at,
                       tau_after_large=tau_after_large)
         registry, pair_spec = _resolve(ctx, config, pair, values, verbose)
         modes = _batch_modes(mode) if mode is not None else _batch_modes(pair_spec.mode)
@@ -464,6 +467,7 @@ def calibrate(
     delimiter: Optional[str] = DelimOpt,
     estimator: Optional[str] = EstOpt,
     probe_skip: Optional[str] = SkipOpt,
+    probe_at: Optional[str] = ProbeAtOpt,
     config: Optional[Path] = ConfigOpt,
     verbose: bool = VerboseOpt,
 ):
@@ -486,7 +490,7 @@ def calibrate(
             write_to=(config or user_config()) if write else None, exclude=exclude, allow_overlap=allow_overlap)
         check_options(options)
         values = dict(small=small, large=large, tau=tau, temperature=temperature, top_p=top_p, seed=seed,
-                      max_tokens=max_tokens, max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator, probe_skip=probe_skip)
+                      max_tokens=max_tokens, max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator, probe_skip=probe_skip, probe_at=probe_at)
         registry, pair_spec = _resolve(ctx, config, pair, values, verbose)
         out = Console(highlight=False)
         if not out.is_terminal and "COLUMNS" not in os.environ:
@@ -552,6 +556,7 @@ def serve(
     delimiter: Optional[str] = DelimOpt,
     estimator: Optional[str] = EstOpt,
     probe_skip: Optional[str] = SkipOpt,
+    probe_at: Optional[str] = ProbeAtOpt,
     tau_after_large: Optional[float] = AfterLargeOpt,
     config: Optional[Path] = ConfigOpt,
     verbose: bool = VerboseOpt,
@@ -566,7 +571,7 @@ def serve(
 
         values = dict(small=small, large=large, tau=tau, mode=mode, large_share=large_share,
                       temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens,
-                      max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator, probe_skip=probe_skip,
+                      max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator, probe_skip=probe_skip, probe_at=probe_at,
                       tau_after_large=tau_after_large)
         specs, registry = [], None
         for name in dict.fromkeys(pair or [None]):

@@ -117,7 +117,12 @@ class CalibrationRecord:
     top_p: float | None = None
     max_step_tokens: int | None = None
     probe_skip: str | None = None
+    probe_at: str | None = None
     date: str | None = None
+
+
+# Where the probe reads H_init: the step's first token, or its first token of content.
+PROBE_AT = ("first", "content")
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,9 @@ class PairSpec:
     probe_skip: str | None = None
     # glimp's tau for a step that follows a large-model step; None routes every step at tau.
     tau_after_large: float | None = None
+    # "content": H_init at the step's first token of content, past markup and a list number; "first":
+    # at its first token (the paper's H_init).
+    probe_at: str = "first"
     # Tokens the answering model gets to state an answer after the marker, when a trace ended without
     # one (a loop, max_tokens, a full context); 0 never forces an answer.
     forced_answer_tokens: int = 32
@@ -416,6 +424,11 @@ def check_pair_values(spec: PairSpec, where) -> None:
         raise ConfigError(f"{where('tau_after_large')}: must be a number (inf and -inf are allowed), not NaN")
     if spec.probe_skip is not None:
         compile_probe_skip(spec.probe_skip, where("probe_skip"))
+    if spec.probe_at not in PROBE_AT:
+        raise ConfigError(f"{where('probe_at')}: {spec.probe_at!r} is not one of {', '.join(PROBE_AT)}")
+    if spec.probe_at != "first" and spec.probe_skip is not None:
+        raise ConfigError(f"{where('probe_at')}: probe_at {spec.probe_at} and probe_skip both choose what the probe "
+                          "reads past: set one")
 
 
 # The escapes a delimiter may be written with; any other backslash is a mistake, never kept as a literal.

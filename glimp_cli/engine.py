@@ -23,6 +23,7 @@ def route_settings(pair: PairSpec) -> RouteSettings:
         max_step_tokens=pair.max_step_tokens,
         probe_skip=pair.probe_skip,
         forced_answer_tokens=pair.forced_answer_tokens,
+        probe_at=pair.probe_at,
     )
 
 

@@ -6,17 +6,18 @@ import functools
 import hashlib
 from dataclasses import asdict, dataclass, fields, replace
 from time import perf_counter
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from glimp_cli.backends.base import Backend, ContextFull, StepStop, Written
+from glimp_cli.backends.base import Backend, ContextFull, StepStop, Written, has_content
 from glimp_cli.config import PromptFormat, compile_probe_skip
 from glimp_cli.entropy import EstimatorSpec
 from glimp_cli.errors import ConfigError, ContextLimitError, UsageError
 from glimp_cli.policies import LARGE, SMALL, DraftScore, Policy, Role
 from glimp_cli.prompts import render_prompt
 from glimp_cli.sampling import Sampling, sample_token
+from glimp_cli.signals import content_start
 
 # Why a trace ended; a step's own stop_reason is one of these or delimiter / max_step_tokens.
 TRACE_STOPS = ("answer", "eos", "stop_string", "max_tokens", "context_full", "repetition", "interrupted")
@@ -84,6 +85,9 @@ class RouteSettings:
     max_tokens: int = 1024
     max_step_tokens: int = 256
     probe_skip: str | None = None  # regex of leading step text H_init is read past (see probe_past)
+    # "content": H_init at the step's first token of content, past markup and a list number (see
+    # signals.content_start); "first": at its first token, as the paper.
+    probe_at: str = "first"
     # A trace that ends without an answer gets the answer marker and up to this many tokens to state
     # one (0: never), kept out of max_tokens for it (at most half of it).
     forced_answer_tokens: int = 32
@@ -318,6 +322,24 @@ class _TextSide:
         self.context_len = len(text)
 
 
+def _match_end(pattern, delimiter: str) -> Callable[[str], int | None]:
+    """A `probe_skip` pattern as a lead: the whole text once it matches; none if it cannot, or the step ended."""
+    def lead_end(text: str) -> int | None:
+        if delimiter in text:
+            return 0  # the step ended inside what looked like a match
+        match = pattern.fullmatch(text, partial=True)
+        if match is None:
+            return 0
+        return None if match.partial else len(text)
+
+    return lead_end
+
+
+def _text_of(backend: Backend, tokens: Sequence[int]) -> str:
+    """The text a run of tokens stands for."""
+    return b"".join(backend.token_bytes(t) for t in tokens).decode("utf-8", errors="ignore")
+
+
 def _char_boundary(data: bytes, n: int) -> bool:
     try:
         data[:n].decode()
@@ -342,13 +364,9 @@ class LoopDetector:
         self.keys.append(" ".join(text.split()))
         keys = self.keys
         for run in range(1, min(self.max_run, len(keys) // 2) + 1):
-            if keys[-run:] == keys[-2 * run:-run] and any(_has_content(k) for k in keys[-run:]):
+            if keys[-run:] == keys[-2 * run:-run] and any(has_content(k) for k in keys[-run:]):
                 return True
         return False
-
-
-def _has_content(text: str) -> bool:
-    return any(c.isalnum() for c in text)
 
 
 class Trace:
@@ -453,13 +471,23 @@ class Router:
         self.delimiter = settings.delimiter
         self._sides = {SMALL: _side(small, settings, policy), LARGE: _side(large, settings, policy)}
         self.probe_skip = None
+        # Where the step's lead ends in the text the probe drew (None: not yet known), or None: no lead.
+        self.lead_end: Callable[[str], int | None] | None = None
+        if settings.probe_skip is not None and settings.probe_at != "first":
+            raise ConfigError("probe_skip and probe_at: content both choose what the probe reads past: set one")
         if settings.probe_skip is not None and policy.needs_probe:
             self.probe_skip = compile_probe_skip(settings.probe_skip, "probe_skip")
-            if isinstance(self._sides[SMALL], _TextSide):
-                raise ConfigError(
-                    f"probe_skip needs the small model in process: model {small.backend.name!r} is served "
-                    "over HTTP, where the probe cannot read past tokens it has not written"
-                )
+            self.lead_end = _match_end(self.probe_skip, self.delimiter)
+        elif settings.probe_at == "content" and policy.needs_probe:
+            self.lead_end = content_start
+        elif settings.probe_at not in ("first", "content"):
+            raise ConfigError(f"probe_at {settings.probe_at!r} is not 'first' or 'content'")
+        if self.lead_end is not None and isinstance(self._sides[SMALL], _TextSide):
+            what = "probe_skip" if self.probe_skip is not None else "probe_at: content"
+            raise ConfigError(
+                f"{what} needs the small model in process: model {small.backend.name!r} is served "
+                "over HTTP, where the probe cannot read past tokens it has not written"
+            )
         self.answer_markers = tuple(
             m for m in {small.prompt.answer_marker, large.prompt.answer_marker} if m
         )
@@ -631,44 +659,56 @@ class _TraceRun:
         self.catch_up(self.small, costs)
         t0 = perf_counter()
         costs.logits = self.small.backend.next_logits()
-        if self.router.probe_skip is not None:
-            # The step needs one token of its own after a match, within its limit.
+        if self.router.lead_end is not None:
+            # The step needs one token of its own after its lead, within its limit.
             self.probe_past(costs, min(MAX_SKIP_TOKENS, limit - 1))
         costs.h_init = self.settings.estimator.from_logits(costs.logits)
         costs.probe_seconds = perf_counter() - t0
 
     def probe_past(self, costs: _StepCosts, max_tokens: int) -> None:
-        """Read past a leading `probe_skip` match (e.g. "2."): H_init is then the entropy of the token after it.
+        """Read past the step's lead (a `probe_skip` match such as "2.", or text without content such as `\\[`).
 
-        The small model draws tokens while their text can still become a match; on a whole match they
-        stay in its context as the start of the step (kept if it writes the step, rewound otherwise).
-        Text that can never match, or a match cut by the delimiter, the end of generation or
-        `max_tokens`, leaves the paper's H_init of the first token, whose draw is kept.
+        H_init is then the entropy of the distribution the step's first token after the lead is drawn from.
+        The small model draws tokens until the router's `lead_end` can tell where the lead ends; the lead's
+        tokens stay in its context as the start of the step (kept if it writes the step, rewound otherwise),
+        and the first token after them is kept as the step's first token. A lead cut by the end of
+        generation or `max_tokens` leaves the paper's H_init of the first token, whose draw is kept.
         """
-        backend, pattern = self.small.backend, self.router.probe_skip
-        # The step start's logits outlive the extends below (their buffer is rewritten by each one).
-        logits = costs.logits = np.array(costs.logits)
-        drawn, data = [], b""
+        backend, lead_end = self.small.backend, self.router.lead_end
+        # Each position's logits outlive the extends below (their buffer is rewritten by each one).
+        seen = [np.array(costs.logits)]
+        drawn: list[int] = []
+        ends: list[int] = []  # the text's length after each drawn token
+        data = b""
         while len(drawn) < max_tokens:
-            token = sample_token(logits, self.settings.sampling, self.rng)
-            if not drawn:
-                costs.first = token
-            data += backend.token_bytes(token)
-            text = data.decode("utf-8", errors="ignore")  # a character cut between tokens is not matched yet
-            if backend.is_eog(token) or self.router.delimiter in text:
-                break
-            match = pattern.fullmatch(text, partial=True)
-            if match is None:
-                break
-            backend.extend([token])
+            token = sample_token(seen[-1], self.settings.sampling, self.rng)
             drawn.append(token)
-            logits = backend.next_logits()
-            if not match.partial:
-                costs.skipped, costs.skipped_text, costs.logits, costs.first = tuple(drawn), text, logits, None
+            data += backend.token_bytes(token)
+            text = data.decode("utf-8", errors="ignore")  # a character cut between tokens is not judged yet
+            ends.append(len(text))
+            if backend.is_eog(token):
+                break
+            end = lead_end(text)
+            if end is None or end == len(text):
+                backend.extend([token])
+                if end is None:
+                    seen.append(np.array(backend.next_logits()))
+                    continue
+                # The lead is every drawn token: the step's own first token is not drawn yet.
+                costs.skipped, costs.skipped_text = tuple(drawn), text
+                costs.logits, costs.first = backend.next_logits(), None
                 return
-        if drawn:
+            kept = next(i for i, e in enumerate(ends) if e > end)  # the token in which the step proper begins
+            self.small.backend.rewind(self.small.context_len + kept)
+            costs.discarded += len(drawn) - 1 - kept  # drawn past the lead and evaluated: drawn again by the write
+            costs.skipped, costs.skipped_text = tuple(drawn[:kept]), _text_of(backend, drawn[:kept])
+            costs.logits, costs.first = seen[kept], drawn[kept]
+            return
+        extended = len(seen) - 1  # every drawn token but an end of generation was evaluated
+        if extended:
             self.small.drop_draft()  # the write evaluates them again, from the first token drawn here
-            costs.discarded += len(drawn)
+            costs.discarded += extended
+        costs.logits, costs.first = seen[0], (drawn[0] if drawn else None)
 
     def write_small(self, costs: _StepCosts, limit: int, budget: int) -> tuple[Role, Written | None]:
         """The small model writes from the probed token; returns LARGE when the step is handed over."""

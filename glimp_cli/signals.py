@@ -93,3 +93,16 @@ def content_start(text: str) -> int | None:
 def _opens_line(text: str, i: int) -> bool:
     """Only whitespace between the last line break (or the start) and position `i`."""
     return not text[text.rfind("\n", 0, i) + 1:i].strip()
+
+
+def content_token(token_bytes: Callable[[int], bytes], tokens: Sequence[int], cap: int) -> int | None:
+    """Index of the token in which a step's content begins (see `content_start`), within its first `cap` tokens."""
+    data, ends = b"", []
+    for token in tokens[:cap]:
+        data += token_bytes(token)
+        text = data.decode("utf-8", errors="ignore")
+        ends.append(len(text))
+        start = content_start(text)
+        if start is not None:
+            return next(i for i, end in enumerate(ends) if end > start)
+    return None

@@ -541,7 +541,17 @@ def test_a_tau_measured_with_probe_skip_is_written_with_it_and_traces_without_it
         cal.measured_by_run(PAIR, "questions.jsonl"), 1.2, 40, 0.35)
     # Traces written before probe_skip existed record no such key: that means it was unset, not unknown.
     plain = cal.recorded_settings(pair_settings(PAIR))
-    assert plain["probe_skip"] is None and "probe_skip" in cal.UNSET_MEANS_NONE
+    assert plain["probe_skip"] is None and "probe_skip" in cal.UNSET_MEANS
+
+
+def test_a_tau_measured_at_the_first_token_of_content_is_written_with_it() -> None:
+    content = replace(PAIR, probe_at="content")
+    measured = cal.measured_by_run(content, "questions.jsonl")
+    assert cal.settings_to_write(PAIR, measured, uses_large=False) == {"probe_at": ("first", "content")}
+    assert cal.calibration_record(measured, 1.2, 40, 0.35)["probe_at"] == "content"
+    # Traces recorded before probe_at existed (or at the first token) leave it out: they were probed at "first".
+    assert cal.recorded_settings(pair_settings(PAIR))["probe_at"] == "first"
+    assert cal.recorded_settings(pair_settings(content))["probe_at"] == "content"
 
 
 @pytest.mark.parametrize("calibration, problem", [

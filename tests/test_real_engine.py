@@ -193,3 +193,30 @@ def test_a_marker_that_matched_only_partly_leaves_the_step_start_h_init(real_eng
     assert rewound, [s.text for s in skip]  # some step began like a match and was rewound
     assert [s.text for s in skip] == [s.text for s in plain]
     assert [s.h_init for s in skip] == pytest.approx([s.h_init for s in plain], abs=1e-4)
+
+
+def test_probe_at_content_reads_h_init_at_the_first_token_of_content(real_engine):
+    """SmolLM2's numbered list: H_init is read after each list number, and matches a one-batch replay."""
+    from glimp_cli.router import MAX_SKIP_TOKENS
+    from glimp_cli.signals import content_token
+
+    changes = dict(delimiter="\n", max_tokens=120, max_step_tokens=40)
+    router = real_engine.router(always_small(), small_pair(real_engine, probe_at="content", **changes))
+    trace = router.run(LIST_QUESTION)
+    steps = list(trace)
+    estimate = router.settings.estimator.from_logits
+    replay = real_engine.router(threshold(0.0), small_pair(real_engine, **changes))._sides["small"]
+    replay.start(LIST_QUESTION)
+    read_past, gaps = 0, []
+    for k, step in enumerate(steps):
+        if step.h_init is None:
+            continue
+        replay.sync([s.text for s in steps[:k]])
+        ahead = [t for s in steps[k:] for t in replay.continuation(s.text) + list(replay.delim_tokens)]
+        at = content_token(replay.backend.token_bytes, ahead, MAX_SKIP_TOKENS) or 0
+        read_past += at > 0
+        replay.backend.extend(ahead[:at])
+        gaps.append(abs(estimate(replay.backend.next_logits()) - step.h_init))
+        replay.backend.rewind(replay.context_len)
+    assert read_past >= 3, [s.text for s in steps]
+    assert np.median(gaps) <= 0.05 and max(gaps) <= 0.3, gaps

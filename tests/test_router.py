@@ -305,7 +305,18 @@ def test_a_recurring_line_is_not_a_loop():
               S(0.1, "\\[", "\\["), S(0.1, "\\[", "\\["), S(0.1, "y = 3", "y = 3"), S(0.1, "\\]", "\\]"),
               S(0.1, "\\[", "\\["), S(0.1, "The answer is 5.", "The answer is 5.")]
     trace, steps = run(fake_router(script, always_small()))
-    assert len(steps) == len(script) and trace.stop_reason == "answer"
+    assert trace.stop_reason == "answer"
+    # A line of markup alone is no step of its own: it opens the step of the next line with content.
+    assert [s.text for s in steps] == ["Step:", "x = 2", "Step:", "\\[\n\n\\[\n\ny = 3",
+                                       "\\]\n\n\\[\n\nThe answer is 5."]
+
+
+def test_a_list_number_or_bracket_line_opens_the_next_step_instead_of_being_one():
+    script = [S(0.1, "2.", "2."), S(0.1, "add them", "ADD THEM"), S(0.1, "  ---  ", "  ---  "),
+              S(2.0, "x = 1", "X = 1"), S(0.1, "The answer is 5.", "The answer is 5.")]
+    _, steps = run(fake_router(script, threshold(1.0)))
+    assert [(s.model, s.text) for s in steps] == [("small", "2.\n\nadd them"), ("small", "  ---  \n\nx = 1"),
+                                                  ("large", "The answer is 5.")]
 
 
 @pytest.mark.parametrize("texts, n_steps", [

@@ -13,7 +13,8 @@ from conftest import fake_router
 from glimp_cli.backends.fake import ScriptedStep as S
 from glimp_cli.policies import threshold
 from glimp_cli.report import auroc, bootstrap_auroc, spearman
-from glimp_cli.signals import first_tokens_entropy, margin_doubt, perplexity, top1_doubt, top_probabilities
+from glimp_cli.signals import (content_start, content_token, first_tokens_entropy, margin_doubt, perplexity,
+                               top1_doubt, top_probabilities)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import signals as bench_signals  # noqa: E402
@@ -92,3 +93,20 @@ def test_a_swapped_step_goes_to_the_other_model_and_the_rest_is_routed_as_before
     # A fresh copy per trace: the next trace swaps its own first routed step again.
     again = list(router.run("q?", given=base[:1]))
     assert [s.model for s in again] == [s.model for s in steps]
+
+
+@pytest.mark.parametrize("text, start", [
+    ("2. Add", 3), ("2.", None), ("2", None), ("  - add", 4), ("**Step 1:**", 2), ("\\[\n  x = 5", 5),
+    ("\\[", None), ("16 - 3", 0), ("3.5 hours", 0), ("$18.", 1), ("1000. a", 0), ("a 2. b", 0),
+    ("12)\tthen", 4), ("", None), ("\n\n", None), ("é", 0),
+])
+def test_where_content_begins(text, start):
+    assert content_start(text) == start
+
+
+def test_the_token_where_content_begins():
+    pieces = {1: b"2", 2: b".", 3: b" Add", 4: b"\\[", 5: b"\n", 6: b"x", 7: b"\xc3", 8: b"\xa9"}
+    assert content_token(pieces.__getitem__, [1, 2, 3], 8) == 2
+    assert content_token(pieces.__getitem__, [4, 5, 6], 8) == 2
+    assert content_token(pieces.__getitem__, [4, 5, 6], 2) is None  # not within the cap
+    assert content_token(pieces.__getitem__, [5, 7, 8], 8) == 2  # é, split over two tokens, starts in the second

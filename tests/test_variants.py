@@ -233,3 +233,51 @@ def test_a_rejected_match_leaves_the_draft_score_of_the_step_start():
     _, steps = run(fake_router(script, step_entropy(10.0), probe_skip=MARKER))
     assert steps[0].draft_signal is not None
     assert steps[0].draft_signal.mean_entropy == pytest.approx(plain[0].draft_signal.mean_entropy, abs=1e-6)
+
+
+def test_probe_at_content_reads_past_a_list_number_and_keeps_it_as_the_step_start():
+    # "2. " says nothing; the token after it (2.0) sends the step to the large model.
+    script = [S(0.05, "2. add them", "2. ADD THEM", after=(("2. ", 2.0),)), ANSWER]
+    router = fake_router(script, threshold(1.0), probe_at="content")
+    trace, steps = run(router)
+    assert steps[0].h_init == pytest.approx(2.0, abs=1e-5) and steps[0].model == "large"
+    assert steps[0].discarded_tokens == 3  # "2", ".", " " drawn by the probe, rewound for the large step
+    assert "2. add" not in small_text(router)
+    # Kept when the small model writes the step: nothing drawn twice.
+    script = [S(3.0, "2. add them", "2. ADD THEM", after=(("2. ", 0.2),)), ANSWER]
+    _, steps = run(fake_router(script, threshold(1.0), probe_at="content"))
+    assert steps[0].model == "small" and steps[0].text == "2. add them" and steps[0].discarded_tokens == 0
+    assert steps[0].h_init == pytest.approx(0.2, abs=1e-5)
+
+
+def test_probe_at_content_reads_a_bracket_line_into_the_step_it_opens():
+    # "\[" is no step of its own: the step is "\[" + the next line, probed at the next line's first token.
+    script = [S(0.02, "\\[", "\\["), S(1.8, "x = 5", "X = 5"), ANSWER]
+    router = fake_router(script, threshold(1.0), probe_at="content")
+    _, steps = run(router)
+    assert steps[0].h_init == pytest.approx(1.8, abs=1e-5) and steps[0].model == "large"
+    assert steps[0].text == "\\[\n\nX = 5"
+    _, plain = run(fake_router(script, threshold(1.0)))
+    assert plain[0].h_init == pytest.approx(0.02, abs=1e-5) and plain[0].model == "small"
+
+
+def test_probe_at_content_keeps_the_first_token_h_init_for_a_number_that_is_content():
+    script = [S(0.3, "16 - 3 = 13", "16 - 3 = 13!"), S(1.5, "So 13.", "SO 13."), ANSWER]
+    _, plain = run(fake_router(script, threshold(1.0)))
+    router = fake_router(script, threshold(1.0), probe_at="content")
+    _, steps = run(router)
+    assert [(s.model, s.text) for s in steps] == [(s.model, s.text) for s in plain]
+    assert [s.h_init for s in steps] == pytest.approx([s.h_init for s in plain], abs=1e-6)
+    assert small_text(router).endswith("16 - 3 = 13\n\nSO 13.\n\n")
+
+
+def test_probe_at_is_checked_and_keyed_only_when_set():
+    with pytest.raises(ConfigError, match="probe_at"):
+        fake_router([ANSWER], threshold(1.0), probe_at="middle")
+    with pytest.raises(ConfigError, match="set one"):
+        fake_router([ANSWER], threshold(1.0), probe_at="content", probe_skip=MARKER)
+    pair = PairSpec(name="p", small="s", large="l")
+    assert "probe_at" not in pair_settings(pair)
+    assert pair_settings(apply_overrides(pair, {"probe_at": ("content", "--probe-at")})[0])["probe_at"] == "content"
+    with pytest.raises(ConfigError, match="--probe-at value for probe_at"):
+        apply_overrides(pair, {"probe_at": ("middle", "--probe-at")})

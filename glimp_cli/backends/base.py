@@ -11,6 +11,7 @@ import numpy as np
 
 from glimp_cli.entropy import entropy_and_logprob
 from glimp_cli.sampling import Sampling, sample_token
+from glimp_cli.signals import content_start
 
 TextSink = Callable[[str], None]
 
@@ -208,8 +209,9 @@ class StepScanner:
     def _first_delimiter(self) -> int:
         delim = self._stop.delimiter
         i = self.buffer.find(delim)
-        # A delimiter before any text would make an empty step: keep it as leading whitespace.
-        while i >= 0 and not self.buffer[:i].strip():
+        # A delimiter before any content would make an empty step or one of markup alone (`\[`, `---`,
+        # a list number): it stays inside the step, which then goes on with the line it opens.
+        while i >= 0 and content_start(self.buffer[:i + len(delim)]) is None:
             i = self.buffer.find(delim, i + 1)
         return i
 
@@ -237,6 +239,11 @@ class StepScanner:
         if self._on_text and upto > self._emitted:
             self._on_text(self.buffer[self._emitted:upto])
         self._emitted = max(self._emitted, upto)
+
+
+def has_content(text: str) -> bool:
+    """Whether text holds a letter or a digit: a step of its own, as opposed to markup or whitespace."""
+    return any(c.isalnum() for c in text)
 
 
 def answer_complete(after_marker: str) -> bool:

@@ -33,12 +33,12 @@ from glimp_cli.calibrate.sweep import (
     recording_run, run_calibration, run_policy, run_settings,
 )
 from glimp_cli.calibrate.traces import (
-    MEASURED_KEYS, TRACE_MODES, UNSET_MEANS_NONE, Distribution, distribution_from_traces, read_traces, recorded_settings,
+    MEASURED_KEYS, TRACE_MODES, UNSET_MEANS, Distribution, distribution_from_traces, read_traces, recorded_settings,
     trace_questions, trace_values,
 )
 
 __all__ = [
-    "CALIBRATION_SET", "COLOURS", "DEFAULT_SHARES", "MEASURED_KEYS", "OBJECTIVES", "TRACE_MODES", "UNSET_MEANS_NONE",
+    "CALIBRATION_SET", "COLOURS", "DEFAULT_SHARES", "MEASURED_KEYS", "OBJECTIVES", "TRACE_MODES", "UNSET_MEANS",
     "Bin", "CalibrateOptions", "Calibration", "Distribution", "FrontierRow", "Measured", "ModelsOnDemand", "Pick",
     "Run", "TauShare", "TauWrite",
     "calibration_record", "calibration_set", "check_held_out", "check_options", "choose_by_share", "count_overlap",

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from glimp_cli.calibrate.traces import MEASURED_KEYS, UNSET_MEANS_NONE, Distribution
+from glimp_cli.calibrate.traces import MEASURED_KEYS, UNSET_MEANS, Distribution
 from glimp_cli.config import PairSpec, Registry, load_registry
 from glimp_cli.errors import ConfigError, InputError, UsageError
 from glimp_cli.policies import LARGE, SMALL
@@ -43,7 +43,7 @@ def measured_in_traces(dist: Distribution) -> Measured:
             raise InputError(f"{dist.source}: its {dist.mode} traces were recorded with {key}={first[key]!r} "
                              f"and with {key}={other[key]!r}: calibrate on traces of one setting")
     for key in (*MEASURED_KEYS, SMALL, LARGE):
-        if first[key] is None and key not in UNSET_MEANS_NONE:
+        if first[key] is None and key not in UNSET_MEANS:
             raise InputError(f"{dist.source}: its traces do not record {key}, so their tau cannot be stored "
                              "with what it was measured with")
     questions = {r["questions"] for r in dist.recorded}

@@ -20,10 +20,10 @@ TRACE_MODES = ("small", "glimp", "adaptive", "random", "step_entropy", "step_per
 # probe is read at temperature 1 from raw logits, but the context it is read after was sampled with
 # them). Not max_tokens: it only cuts traces short, so each recorded value is one that a longer trace
 # holds too. Not seed: it picks one draw, not the distribution.
-# probe_skip too: what the probe reads past changes which token's entropy is H_init.
-MEASURED_KEYS = ("delimiter", "estimator", "temperature", "top_p", "max_step_tokens", "probe_skip")
-# Measured keys a results line leaves out when they are unset (None), not because they are unknown.
-UNSET_MEANS_NONE = frozenset({"probe_skip"})
+# probe_skip and probe_at too: what the probe reads past changes which token's entropy is H_init.
+MEASURED_KEYS = ("delimiter", "estimator", "temperature", "top_p", "max_step_tokens", "probe_skip", "probe_at")
+# Measured keys a results line leaves out when they have this value, not because they are unknown.
+UNSET_MEANS = {"probe_skip": None, "probe_at": "first"}
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def recorded_settings(settings: dict) -> dict:
     """From a results line's settings: the MEASURED_KEYS, both model names and the questions file."""
     models = settings.get("models") if isinstance(settings.get("models"), dict) else {}
     questions = settings.get("questions") if isinstance(settings.get("questions"), dict) else {}
-    return {**{key: settings.get(key) for key in MEASURED_KEYS}, SMALL: models.get(SMALL),
+    return {**{key: settings.get(key, UNSET_MEANS.get(key)) for key in MEASURED_KEYS}, SMALL: models.get(SMALL),
             LARGE: models.get(LARGE), "questions": questions.get("path")}
 
 
