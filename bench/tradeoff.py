@@ -68,7 +68,7 @@ class BenchRun:
     path: Path
     target: float | None = None  # the calibration share its threshold was picked for
     matched: str | None = None  # random: the label of the glimp run whose reached share it runs at
-    variant: str | None = None  # a glimp variant the traces suggested: "skip" or "writer" (see VARIANTS)
+    variant: str | None = None  # a glimp variant: "skip", "content" or "writer" (see plan_runs)
 
     @property
     def style(self) -> str:
@@ -106,6 +106,7 @@ class Thresholds:
     perplexity: dict  # share -> perplexity threshold
     adaptive_tau: float
     skip_taus: dict = field(default_factory=dict)  # share -> tau of the --probe-skip H_init
+    content_taus: dict = field(default_factory=dict)  # share -> tau of H_init at the first token of content
     after_large_taus: dict = field(default_factory=dict)  # share -> tau of H_init after a large step
 
 
@@ -139,6 +140,13 @@ def plan_runs(pair: PairSpec, th: Thresholds, runs_dir: Path, adaptive_share: fl
         tau = th.skip_taus[share]
         runs.append(run(f"glimp skip {share:.0%}", "glimp", f"glimp-skip-tau{tau:.4f}.jsonl", share, variant="skip",
                         tau=tau, probe_skip=probe_skip))
+    # H_init at the first token of content (probe_at: content): a random run at its own reached share too.
+    for share in sorted(th.content_taus):
+        tau, name = th.content_taus[share], f"{share:.0%}"
+        content = run(f"glimp content {name}", "glimp", f"glimp-content-tau{tau:.4f}.jsonl", share,
+                      variant="content", tau=tau, probe_at="content")
+        runs += [content, run(f"random ~ glimp content {name}", "random", f"random-glimp-content-tau{tau:.4f}.jsonl",
+                              share, matched=content.label, tau=tau)]
     for share in sorted(th.after_large_taus):
         tau, after = th.taus[share], th.after_large_taus[share]
         runs.append(run(f"glimp by writer {share:.0%}", "glimp", f"glimp-tau{tau:.4f}-after-large{after:.4f}.jsonl",
@@ -302,8 +310,9 @@ def calibrate_after_large_taus(questions: list[Question], pair: PairSpec, make_r
 
 def calibrate_skip_taus(questions: list[Question], pair: PairSpec, make_router: Callable | None, cal_dir: Path,
                         shares: tuple, say: Callable[[str], None] = lambda line: None) -> dict:
-    """Taus of `pair`'s own probe (its probe_skip) from a small-alone run of its own in `cal_dir`."""
-    values = _small_alone_values(questions, pair, make_router, cal_dir, f"probe_skip {pair.probe_skip!r}", say)
+    """Taus of `pair`'s own probe (its probe_skip or probe_at) from a small-alone run of its own in `cal_dir`."""
+    what = f"probe_skip {pair.probe_skip!r}" if pair.probe_skip is not None else f"probe_at {pair.probe_at}"
+    values = _small_alone_values(questions, pair, make_router, cal_dir, what, say)
     return {s: calibrate.tau_for_share(values, s) for s in shares}
 
 
@@ -478,8 +487,8 @@ def comparisons(rows: list[TradeoffRow], records: dict[str, list[dict]]) -> list
                     plain = [r for r in rows if r.run.family == family and r.run.variant is None]
                     return min(plain, key=lambda r: abs(r.stats.large_share_tokens - row.stats.large_share_tokens),
                                default=None)
-                rivals = [r for r in (by.get(("glimp", row.run.target, None)), nearest("glimp"), nearest("random"))
-                          if r is not None]
+                rivals = [r for r in (rivals[0], by.get(("glimp", row.run.target, None)), nearest("glimp"),
+                                      nearest("random")) if r is not None]
                 rivals = list({id(r): r for r in rivals}.values())
         elif row.run.family == "adaptive":
             rivals = [by.get(("glimp", row.run.target, None)), next(
@@ -576,10 +585,11 @@ STYLES = {"glimp": ("o", "#1f77b4", "glimp (H_init)"), "random": ("x", "#7f7f7f"
           "adaptive": ("*", "#ff7f0e", "adaptive"), "small": ("s", "#17becf", "small alone"),
           "large": ("D", "#c2185b", "large alone"),
           "glimp_skip": ("P", "#d62728", "glimp, H_init past a list marker"),
+          "glimp_content": ("*", "#9467bd", "glimp, H_init at the first token of content"),
           "glimp_writer": ("X", "#8c564b", "glimp, tau by previous writer")}
 # Families at about the same share are drawn a little apart, so their interval bars do not hide each other.
 DODGE = {"glimp": -0.009, "random": -0.003, "step_entropy": 0.003, "step_perplexity": 0.009,
-         "glimp_skip": -0.006, "glimp_writer": 0.006}
+         "glimp_skip": -0.006, "glimp_writer": 0.006, "glimp_content": 0.0}
 
 
 def write_plot(path: Path, rows: list[TradeoffRow], title: str) -> Path:
@@ -643,6 +653,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adaptive-share", type=float, default=ADAPTIVE_SHARE)
     p.add_argument("--probe-skip", help="also run glimp with H_init read past leading text matching this regex "
                                         "(e.g. a list number), at taus from a small-alone run with that probe")
+    p.add_argument("--probe-content", action="store_true", help="also run glimp with H_init at the first token "
+                   "of content (probe_at: content), with taus of its own, and random at its reached share")
     p.add_argument("--by-writer", action="store_true", help="also run glimp with its own tau after a large step, "
                                                             "from H_init probed after large alone's steps")
     p.add_argument("--variant-shares", default="0.35", help="calibration shares of those variants (default %(default)s)")
@@ -741,6 +753,12 @@ def main(argv: list[str] | None = None) -> int:
             th = dataclasses.replace(th, skip_taus=calibrate_skip_taus(
                 variant_questions, skip_pair, None if args.report else lambda policy: models.router(policy, skip_pair),
                 runs_dir / "calibration-probe-skip", variant_shares, say))
+        if args.probe_content:
+            content_pair = dataclasses.replace(pair, probe_at="content")
+            th = dataclasses.replace(th, content_taus=calibrate_skip_taus(
+                variant_questions, content_pair,
+                None if args.report else lambda policy: models.router(policy, content_pair),
+                runs_dir / "calibration-probe-content", variant_shares, say))
         if args.by_writer:
             missing = [s for s in variant_shares if s not in th.taus]
             if missing:
@@ -757,6 +775,7 @@ def main(argv: list[str] | None = None) -> int:
                       + "; step_perplexity " + ", ".join(f"{t:.4g} ({s:.0%})" for s, t in th.perplexity.items())
                       + f"; adaptive tau0 {th.adaptive_tau:.4g}"
                       + "".join(f"; skip tau {t:.4g} ({s:.0%})" for s, t in th.skip_taus.items())
+                      + "".join(f"; content tau {t:.4g} ({s:.0%})" for s, t in th.content_taus.items())
                       + "".join(f"; tau after large {t:.4g} ({s:.0%})" for s, t in th.after_large_taus.items()),
                       markup=False)
         if not args.report:

@@ -379,3 +379,18 @@ def test_only_keeps_the_named_runs_and_refuses_a_random_run_without_its_glimp_ru
         tradeoff.only_runs(runs, "glimp 5%")
     with pytest.raises(tradeoff.UsageError, match="name that run too"):
         tradeoff.only_runs(runs, "random ~ glimp 50%")
+
+
+def test_the_content_probe_runs_with_its_own_tau_and_a_random_run_at_its_reached_share(tmp_path):
+    th = tradeoff.Thresholds({0.5: 1.0}, {0.5: 0.5}, {0.5: 2.0}, 1.0, content_taus={0.5: 1.3})
+    runs = tradeoff.plan_runs(PAIR, th, tmp_path, adaptive_share=0.5)
+    content, random = runs[-2], runs[-1]
+    assert (content.label, content.pair.tau, content.pair.probe_at, content.variant) == (
+        "glimp content 50%", 1.3, "content", "content")
+    assert content.settings()["probe_at"] == "content" and "probe_at" not in runs[2].settings()
+    assert (random.family, random.matched, random.pair.probe_at) == ("random", "glimp content 50%", "first")
+    records = {r.label: [record("1", r.mode, True, 1.0, tokens=(40, 20 if r.variant else 10), steps=(1, 1))]
+               for r in runs}
+    rows = tradeoff.tradeoff_rows(runs, records, lambda label, qid: None)
+    pairs = [(c.a.run.label, c.b.run.label) for c in tradeoff.comparisons(rows, records)]
+    assert [b for a, b in pairs if a == "glimp content 50%"][:2] == ["random ~ glimp content 50%", "glimp 50%"]
