@@ -262,10 +262,18 @@ def outcome_jobs(records: list[dict]) -> list[tuple[dict, int, str]]:
     return jobs
 
 
-def run_outcomes(engine: Engine, pair: PairSpec, records: list[dict], path: Path, limit: int | None) -> None:
-    """Each job's swapped trace, graded, one line each into `path` (resumed)."""
-    done = {(r["id"], r["index"]) for r in map(json.loads, _lines(path))}
-    jobs = outcome_jobs(records)[:limit]
+def outcome_files(runs_dir: Path) -> list[Path]:
+    """The outcome label's files: one per worker (`--shard`), read together."""
+    return sorted(runs_dir.glob("outcome*.jsonl"))
+
+
+def run_outcomes(engine: Engine, pair: PairSpec, records: list[dict], runs_dir: Path, limit: int | None,
+                 shard: tuple[int, int] = (0, 1)) -> None:
+    """Each job's swapped trace (every `shard[1]`-th from `shard[0]`), graded, one line each (resumed)."""
+    done = {(r["id"], r["index"]) for f in outcome_files(runs_dir) for r in map(json.loads, _lines(f))}
+    k, n = shard
+    path = runs_dir / ("outcome.jsonl" if n == 1 else f"outcome-{k}of{n}.jsonl")
+    jobs = outcome_jobs(records)[:limit][k::n]
     todo = [job for job in jobs if (job[0]["id"], job[1]) not in done]
     progress(f"outcome: {len(jobs)} swapped steps, {len(todo)} to run")
     base = threshold(pair.tau)
@@ -379,7 +387,7 @@ def _fmt(cell: Cell) -> str:
 def report(runs_dir: Path, console: Console, markdown: Path | None, plot: Path | None) -> None:
     judge_rows = [r for r in load_rows(runs_dir / "scores-judge.jsonl") if r["writer"] == SMALL]
     base_rows = load_rows(runs_dir / "scores-glimp.jsonl")
-    outcomes = [json.loads(line) for line in _lines(runs_dir / "outcome.jsonl")]
+    outcomes = [json.loads(line) for f in outcome_files(runs_dir) for line in _lines(f)]
     by_key = {(r["id"], r["index"]): r for r in base_rows}
     outcome_rows = []
     for o in outcomes:
@@ -479,6 +487,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base", type=Path, default=DEFAULT_BASE,
                    help="glimp traces at the default tau the outcome label swaps steps of (default: %(default)s)")
     p.add_argument("--outcome-steps", type=int, help="run only the first N swapped steps")
+    p.add_argument("--shard", default="0/1", help="K/N: this worker runs every N-th swapped step from the K-th "
+                   "(start N workers, each with its own file, to use N cores)")
     p.add_argument("--phases", default="traces,score,outcome", help="which phases to run, comma-separated")
     p.add_argument("--forced-answer-tokens", type=int, default=0,
                    help="as bench/tradeoff.py's runs were made (default 0: their files resume here)")
@@ -527,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
                 large.close()
         if "outcome" in phases:
             records = [json.loads(line) for line in _lines(args.base)]
-            run_outcomes(engine, pair, records, runs_dir / "outcome.jsonl", args.outcome_steps)
+            k, n = (int(x) for x in args.shard.split("/"))
+            run_outcomes(engine, pair, records, runs_dir, args.outcome_steps, (k, n))
     except KeyboardInterrupt:
         progress("interrupted: every finished line is kept; rerun the same command to go on")
         return 130
