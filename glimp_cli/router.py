@@ -444,6 +444,7 @@ class Trace:
             "delimiter": self.router.delimiter,
             "probe": self.router._sides[SMALL].probe_form if self.router.policy.needs_probe else None,
             "probe_skip": self.router.probe_skip.pattern if self.router.probe_skip is not None else None,
+            "probe_at": self.router.settings.probe_at if self.router.policy.needs_probe else None,
             "stop_reason": self.stop_reason,
             "forced_answer": self.forced_answer,
             "answer_text": self.answer_text,
