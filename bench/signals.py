@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -46,9 +45,9 @@ from glimp_cli.entropy import exact_entropy, log_softmax, topk_entropy
 from glimp_cli.grading import extract_answer, grade
 from glimp_cli.policies import LARGE, SMALL, Policy, always_small, threshold
 from glimp_cli.questions import Question, load_questions
-from glimp_cli.report import bootstrap_auroc, spearman
+from glimp_cli.report import bootstrap, bootstrap_auroc, spearman
 from glimp_cli.router import MAX_SKIP_TOKENS, Step, _Side
-from glimp_cli.signals import content_token, margin_doubt, top1_doubt
+from glimp_cli.signals import content_token, first_tokens_entropy, margin_doubt, perplexity, top1_doubt
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data" / "gsm8k" / "test-1-1219.jsonl"
@@ -178,10 +177,10 @@ def score_trace(small: Scorer, large: Scorer, record: dict, pattern) -> list[dic
             "h_content": exact_entropy(rows_small[start - 1 + at]) if at is not None else entropies[0],
             "content_tokens": at,
             "position": j,
-            **{f"draft_mean{k}": float(np.mean(entropies[:k])) for k in DRAFT_KS},
-            **{f"draft_max{k}": float(np.max(entropies[:k])) for k in DRAFT_KS},
+            **{f"draft_mean{k}": first_tokens_entropy(entropies, k) for k in DRAFT_KS},
+            **{f"draft_max{k}": first_tokens_entropy(entropies, k, "max") for k in DRAFT_KS},
             "step_entropy": float(np.mean(entropies)),
-            "step_perplexity": math.exp(-float(np.mean(logprobs))),
+            "step_perplexity": perplexity(logprobs),
         }
         if step.model == SMALL:
             lstart, lcontent = large_layout[j]
@@ -205,7 +204,11 @@ def score_file(small: Scorer, large: Scorer, source: Path, path: Path, ids: set[
         for record in (json.loads(line) for line in _lines(source)):
             if record["id"] in done or (ids is not None and record["id"] not in ids):
                 continue
-            rows = score_trace(small, large, record, pattern)
+            try:
+                rows = score_trace(small, large, record, pattern)
+            except ValueError as exc:  # a trace longer than --scorer-ctx: said, not scored, not retried
+                progress(f"{source.name} {record['id']}: not scored: {exc}")
+                rows = []
             out.write(json.dumps({"id": record["id"], "steps": rows}) + "\n")
             out.flush()
             os.fsync(out.fileno())
@@ -282,6 +285,9 @@ def run_outcomes(engine: Engine, pair: PairSpec, records: list[dict], runs_dir: 
             given = [Step.from_dict(s) for s in record["steps"][:j]]
             trace = engine.router(swapped(base, role), pair).run(record["question"], given=given)
             steps = list(trace)
+            if len(steps) <= j:
+                progress(f"outcome: id {record['id']} step {j}: the replay ended before it ({trace.stop_reason})")
+                continue
             extracted = extract_answer(trace.answer_text)
             correct = grade(extracted, record["reference"])
             line = {
@@ -346,30 +352,8 @@ def judge(rows: list[dict], label: Callable[[dict], object], kind: str, seed: in
         if kind == "auroc":
             cells[column] = Cell(*bootstrap_auroc(x, [bool(v) for v in y], groups))
         else:
-            cells[column] = Cell(*spearman_interval(x, [float(v) for v in y], groups))
+            cells[column] = Cell(*bootstrap(spearman, x, [float(v) for v in y], groups))
     return cells
-
-
-def spearman_interval(x: Sequence[float], y: Sequence[float], groups: Sequence[str], n: int = 1000,
-                      seed: int = 0) -> tuple[float | None, float | None, float | None]:
-    """Spearman's rho and a 95% bootstrap interval resampling whole groups."""
-    point = spearman(x, y)
-    if point is None:
-        return None, None, None
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    by: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        by.setdefault(g, []).append(i)
-    members = [np.array(v) for v in by.values()]
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n):
-        picked = np.concatenate([members[j] for j in rng.integers(0, len(members), len(members))])
-        value = spearman(x[picked], y[picked])
-        if value is not None:
-            draws.append(value)
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return point, float(low), float(high)
 
 
 def load_rows(path: Path) -> list[dict]:

@@ -135,7 +135,8 @@ def plan_runs(pair: PairSpec, th: Thresholds, runs_dir: Path, adaptive_share: fl
                     f"adaptive-share{adaptive_share:.2f}-tau{th.adaptive_tau:.4f}.jsonl", adaptive_share,
                     tau=th.adaptive_tau, large_share=adaptive_share))
     # The variants the traces suggested (docs/tradeoff.md), each with taus of its own for the share. They
-    # are compared with plain glimp and with the random run nearest in large tokens (no random of their own).
+    # are compared with plain glimp and with the random run nearest in large tokens; the content probe
+    # also with a random run of its own, at its reached share.
     for share in sorted(th.skip_taus):
         tau = th.skip_taus[share]
         runs.append(run(f"glimp skip {share:.0%}", "glimp", f"glimp-skip-tau{tau:.4f}.jsonl", share, variant="skip",
@@ -146,7 +147,7 @@ def plan_runs(pair: PairSpec, th: Thresholds, runs_dir: Path, adaptive_share: fl
         content = run(f"glimp content {name}", "glimp", f"glimp-content-tau{tau:.4f}.jsonl", share,
                       variant="content", tau=tau, probe_at="content")
         runs += [content, run(f"random ~ glimp content {name}", "random", f"random-glimp-content-tau{tau:.4f}.jsonl",
-                              share, matched=content.label, tau=tau)]
+                              share, matched=content.label, variant="content", tau=tau)]
     for share in sorted(th.after_large_taus):
         tau, after = th.taus[share], th.after_large_taus[share]
         runs.append(run(f"glimp by writer {share:.0%}", "glimp", f"glimp-tau{tau:.4f}-after-large{after:.4f}.jsonl",
@@ -586,10 +587,12 @@ STYLES = {"glimp": ("o", "#1f77b4", "glimp (H_init)"), "random": ("x", "#7f7f7f"
           "large": ("D", "#c2185b", "large alone"),
           "glimp_skip": ("P", "#d62728", "glimp, H_init past a list marker"),
           "glimp_content": ("*", "#9467bd", "glimp, H_init at the first token of content"),
+          "random_content": ("x", "#9467bd", "random at glimp content's share"),
           "glimp_writer": ("X", "#8c564b", "glimp, tau by previous writer")}
 # Families at about the same share are drawn a little apart, so their interval bars do not hide each other.
 DODGE = {"glimp": -0.009, "random": -0.003, "step_entropy": 0.003, "step_perplexity": 0.009,
-         "glimp_skip": -0.006, "glimp_writer": 0.006, "glimp_content": 0.0}
+         "glimp_skip": -0.006, "glimp_writer": 0.006, "glimp_content": 0.0,
+         "random_content": 0.0}
 
 
 def write_plot(path: Path, rows: list[TradeoffRow], title: str) -> Path:

@@ -8,7 +8,7 @@ import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from rich.table import Table
@@ -269,11 +269,17 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 
 def bootstrap_auroc(scores: Sequence[float], labels: Sequence[bool], groups: Sequence[str],
                     n: int = 1000, seed: int = 0) -> tuple[float | None, float | None, float | None]:
-    """AUROC and its 95% percentile interval, resampling whole groups (questions: their steps are not independent)."""
-    point = auroc(scores, labels)
+    """AUROC and its 95% interval, resampling whole groups (a question's steps are not independent)."""
+    return bootstrap(auroc, scores, [bool(v) for v in labels], groups, n, seed)
+
+
+def bootstrap(stat: Callable[[np.ndarray, np.ndarray], float | None], x: Sequence[float], y: Sequence,
+              groups: Sequence[str], n: int = 1000, seed: int = 0) -> tuple[float | None, float | None, float | None]:
+    """`stat(x, y)` and its 95% percentile interval over `n` resamples of whole groups."""
+    point = stat(x, y)
     if point is None:
         return None, None, None
-    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y)
     by_group: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         by_group.setdefault(g, []).append(i)
@@ -282,7 +288,7 @@ def bootstrap_auroc(scores: Sequence[float], labels: Sequence[bool], groups: Seq
     draws = []
     for _ in range(n):
         picked = np.concatenate([members[j] for j in rng.integers(0, len(members), len(members))])
-        value = auroc(s[picked], y[picked])
+        value = stat(xs[picked], ys[picked])
         if value is not None:
             draws.append(value)
     if not draws:

@@ -10,14 +10,14 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from glimp_cli.backends.base import Backend, ContextFull, StepStop, Written, has_content
-from glimp_cli.config import PromptFormat, compile_probe_skip
+from glimp_cli.backends.base import Backend, ContextFull, StepStop, Written, answer_complete, has_content
+from glimp_cli.config import PROBE_AT, PromptFormat, compile_probe_skip
 from glimp_cli.entropy import EstimatorSpec
 from glimp_cli.errors import ConfigError, ContextLimitError, UsageError
 from glimp_cli.policies import LARGE, SMALL, DraftScore, Policy, Role
 from glimp_cli.prompts import render_prompt
 from glimp_cli.sampling import Sampling, sample_token
-from glimp_cli.signals import content_start
+from glimp_cli.signals import content_start, perplexity, token_at
 
 # Why a trace ended; a step's own stop_reason is one of these or delimiter / max_step_tokens.
 TRACE_STOPS = ("answer", "eos", "stop_string", "max_tokens", "context_full", "repetition", "interrupted")
@@ -114,6 +114,7 @@ class _Side:
         self.started = False
         self.steps_seen = 0
         self.context_len = 0
+        self.prompt_len = 0
         self.evaluated_at_start = 0
 
     @functools.cached_property
@@ -182,7 +183,7 @@ class _Side:
         self.backend.extend(tokens[anchor:])
         self.started = True
         self.steps_seen = 0
-        self.context_len = len(tokens)
+        self.context_len = self.prompt_len = len(tokens)
         return self.backend.evaluated - before
 
     def sync(self, texts: Sequence[str]) -> int:
@@ -205,10 +206,11 @@ class _Side:
         """Tokens this model evaluated since `start`."""
         return self.backend.evaluated - self.evaluated_at_start
 
-    def append_answer_marker(self, marker: str, room: int) -> int:
-        """End the context with a delimiter and `marker`, leaving `room` tokens to answer in; returns tokens evaluated.
+    def append_answer_marker(self, marker: str, room: int) -> tuple[int, int]:
+        """End the context with a delimiter and `marker`, leaving up to `room` tokens to answer in.
 
-        A context too full for that loses the end of its trace (never the prompt) to make room.
+        A context too full for that loses the end of its trace (never the prompt) to make room, and with
+        too little even then the answer gets what is left. Returns (tokens evaluated, room left).
         """
         delim = list(self.delim_tokens)
         tokens = list(self.backend.tokens)
@@ -216,14 +218,15 @@ class _Side:
         ask = self.continuation(marker)
         over = len(tokens) + len(lead) + len(ask) + room - self.backend.n_ctx
         if over > 0:
-            keep = len(tokens) - over - len(delim)
-            if keep < len(self.header()):
-                raise ContextFull(f"{self.backend.name}: no room for the answer marker")
+            keep = max(self.prompt_len, len(tokens) - over - len(delim))
+            room = min(room, self.backend.n_ctx - keep - len(delim) - len(ask))
+            if room < 1:
+                raise ContextFull(f"{self.backend.name}: no room for the answer after the prompt")
             self.backend.rewind(keep)
             lead = delim
         self.backend.extend(lead + ask)
         self.context_len = len(self.backend.tokens)
-        return len(lead) + len(ask)
+        return len(lead) + len(ask), room
 
     def drop_draft(self) -> None:
         """Forget what `write` added after the settled context (a rejected or handed-over draft)."""
@@ -304,11 +307,11 @@ class _TextSide:
     def final_length(self, texts: Sequence[str]) -> None:
         return None
 
-    def append_answer_marker(self, marker: str, room: int) -> int:
-        """End the text with a delimiter and `marker` (the server has the context's limit; returns 0)."""
+    def append_answer_marker(self, marker: str, room: int) -> tuple[int, int]:
+        """End the text with a delimiter and `marker` (the server knows the context's limit): (0, room)."""
         text = self.backend.text
         self._set((text if text.endswith(self.delimiter) else text + self.delimiter) + marker)
-        return 0
+        return 0, room
 
     def evaluated_tokens(self) -> None:
         return None
@@ -474,6 +477,8 @@ class Router:
         self.probe_skip = None
         # Where the step's lead ends in the text the probe drew (None: not yet known), or None: no lead.
         self.lead_end: Callable[[str], int | None] | None = None
+        if settings.probe_at not in PROBE_AT:
+            raise ConfigError(f"probe_at {settings.probe_at!r} is not one of {', '.join(PROBE_AT)}")
         if settings.probe_skip is not None and settings.probe_at != "first":
             raise ConfigError("probe_skip and probe_at: content both choose what the probe reads past: set one")
         if settings.probe_skip is not None and policy.needs_probe:
@@ -481,8 +486,6 @@ class Router:
             self.lead_end = _match_end(self.probe_skip, self.delimiter)
         elif settings.probe_at == "content" and policy.needs_probe:
             self.lead_end = content_start
-        elif settings.probe_at not in ("first", "content"):
-            raise ConfigError(f"probe_at {settings.probe_at!r} is not 'first' or 'content'")
         if self.lead_end is not None and isinstance(self._sides[SMALL], _TextSide):
             what = "probe_skip" if self.probe_skip is not None else "probe_at: content"
             raise ConfigError(
@@ -612,9 +615,10 @@ class _TraceRun:
         return min(self.settings.forced_answer_tokens, self.settings.max_tokens // 2)
 
     def needs_forced_answer(self, end: str | None) -> bool:
-        """A trace that ended for another reason than its answer, and states none, gets one forced."""
-        stated = any(m in text for text in self.texts for m in self.router.answer_markers)
-        return end != "answer" and not stated and self.answer_reserve > 0
+        """A trace that states no complete answer (a marker with a letter or digit after it) gets one forced."""
+        stated = any(answer_complete(text.split(m, 1)[1]) for text in self.texts
+                     for m in self.router.answer_markers if m in text)
+        return not stated and self.answer_reserve > 0
 
     def force_answer(self, why: str) -> Step | None:
         """Append the answer marker and let the answering model state its answer in a few tokens.
@@ -628,20 +632,27 @@ class _TraceRun:
         marker = side.slot.prompt.answer_marker
         n = min(self.settings.forced_answer_tokens, self.settings.max_tokens - self.generated)
         try:
-            self.catch_up(side, costs)
+            try:
+                self.catch_up(side, costs)
+            except ContextFull:
+                pass  # the other model's last steps do not fit: the answer follows what does
             t0 = perf_counter()
-            costs.prefill_tokens += side.append_answer_marker(marker, n)
+            evaluated, n = side.append_answer_marker(marker, n)
+            costs.prefill_tokens += evaluated
             costs.prefill_seconds += perf_counter() - t0
+            stop = StepStop(self.router.delimiter, side.slot.stop, (), n, answering=True,
+                            answer_until_eos=side.slot.prompt.answer_until_eos)
+            if self.listener:
+                self.listener.step_started(costs.index, role, None)
+                self.listener.text(marker)
+            # A server that refuses the context says so only now (ContextFull from the request).
+            written = side.backend.write(None, stop, self.settings.sampling, self.rng, self.on_text)
         except ContextFull:
             return None
-        if self.listener:
-            self.listener.step_started(costs.index, role, None)
-            self.listener.text(marker)
-        stop = StepStop(self.router.delimiter, side.slot.stop, (), n, answering=True,
-                        answer_until_eos=side.slot.prompt.answer_until_eos)
-        written = side.backend.write(None, stop, self.settings.sampling, self.rng, self.on_text)
         self.generated += len(written.tokens)
-        reason = "answer" if any(c.isalnum() for c in written.text) else "no_answer"
+        side.context_len += len(written.tokens)  # the context now ends with the forced answer
+        side.steps_seen = len(self.texts) + 1
+        reason = "answer" if has_content(written.text) else "no_answer"
         return Step(index=costs.index, model=role, h_init=None, text=marker + written.text,
                     tokens=len(written.tokens), probe_seconds=0.0, generate_seconds=written.seconds,
                     prefill_seconds=costs.prefill_seconds, prefill_tokens=costs.prefill_tokens,
@@ -679,14 +690,12 @@ class _TraceRun:
         # Each position's logits outlive the extends below (their buffer is rewritten by each one).
         seen = [np.array(costs.logits)]
         drawn: list[int] = []
-        ends: list[int] = []  # the text's length after each drawn token
         data = b""
         while len(drawn) < max_tokens:
             token = sample_token(seen[-1], self.settings.sampling, self.rng)
             drawn.append(token)
             data += backend.token_bytes(token)
             text = data.decode("utf-8", errors="ignore")  # a character cut between tokens is not judged yet
-            ends.append(len(text))
             if backend.is_eog(token):
                 break
             end = lead_end(text)
@@ -699,7 +708,7 @@ class _TraceRun:
                 costs.skipped, costs.skipped_text = tuple(drawn), text
                 costs.logits, costs.first = backend.next_logits(), None
                 return
-            kept = next(i for i, e in enumerate(ends) if e > end)  # the token in which the step proper begins
+            kept = token_at([backend.token_bytes(t) for t in drawn], text, end)  # where the step proper begins
             self.small.backend.rewind(self.small.context_len + kept)
             costs.discarded += len(drawn) - 1 - kept  # drawn past the lead and evaluated: drawn again by the write
             costs.skipped, costs.skipped_text = tuple(drawn[:kept]), _text_of(backend, drawn[:kept])
@@ -719,7 +728,8 @@ class _TraceRun:
             costs.logits = self.small.backend.next_logits()
         first = costs.first if costs.first is not None else sample_token(costs.logits, s.sampling, self.rng)
         skipped = len(costs.skipped)  # tokens of the step the probe drew already count against its limits
-        stop = self.router._stop(SMALL, limit - skipped, budget - skipped, policy.large_answers)
+        # A step that states the answer may use the tokens kept for a forced one: it is the answer.
+        stop = self.router._stop(SMALL, limit - skipped, budget - skipped + self.answer_reserve, policy.large_answers)
         if costs.skipped_text and self.on_text:
             self.on_text(costs.skipped_text)
         written = self.small.backend.write(first, stop, s.sampling, self.rng, self.on_text,
@@ -735,7 +745,7 @@ class _TraceRun:
         if policy.large_answers and written.reason in ("marker", "stop_string", "eos"):
             # The small model reached the answer (or the end): the large model writes it.
             self.answer_phase = True
-            if not written.text.strip():
+            if content_start(written.text + self.router.delimiter) is None:  # nothing but markup before the marker
                 return self.drop_draft(costs, written), None
             if written.reason != "eos":
                 # Keep the reasoning it wrote before the marker as its step.
@@ -745,7 +755,8 @@ class _TraceRun:
     def drop_draft(self, costs: _StepCosts, written: Written) -> Role:
         """Throw the small model's draft away; the large model writes this step instead."""
         self.small.drop_draft()
-        costs.discarded, costs.draft_seconds = len(written.tokens), written.seconds
+        costs.discarded += len(written.tokens)  # after any the probe drew past the lead
+        costs.draft_seconds = written.seconds
         if self.listener:
             self.listener.draft_discarded(costs.index, costs.discarded)
             self.listener.step_started(costs.index, LARGE, costs.h_init)
@@ -759,7 +770,7 @@ class _TraceRun:
             costs.discarded += len(costs.skipped)
             costs.skipped = ()
         self.catch_up(self.large, costs)
-        stop = self.router._stop(LARGE, limit, budget, False)
+        stop = self.router._stop(LARGE, limit, budget + self.answer_reserve, False)
         return self.large.backend.write(None, stop, self.settings.sampling, self.rng, self.on_text)
 
     def states_answer(self, role: Role, written: Written) -> bool:
@@ -825,7 +836,7 @@ def _draft_score(written: Written) -> DraftScore | None:
     """Mean token entropy and perplexity of a scored draft."""
     if not written.entropies:
         return None
-    return DraftScore(float(np.mean(written.entropies)), float(np.exp(-np.mean(written.logprobs))))
+    return DraftScore(float(np.mean(written.entropies)), perplexity(written.logprobs))
 
 
 def _stable_hash(text: str) -> int:

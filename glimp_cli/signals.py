@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from glimp_cli.entropy import exact_entropy, log_softmax, topk_entropy
+from glimp_cli.entropy import log_softmax
 
 
 def top_probabilities(logits: np.ndarray) -> tuple[float, float]:
@@ -46,15 +46,6 @@ def first_tokens_entropy(entropies: Sequence[float], k: int, how: str = "mean") 
 def perplexity(logprobs: Sequence[float]) -> float:
     """exp(mean negative log-probability) of the tokens a draft drew."""
     return math.exp(-sum(logprobs) / len(logprobs))
-
-
-# The probe-time signals glimp can route on; the draft signals need tokens drawn first.
-PROBE_SIGNALS: dict[str, Callable[[np.ndarray], float]] = {
-    "h_init": exact_entropy,
-    "h_init_top20": lambda logits: topk_entropy(logits, 20),
-    "top1_doubt": top1_doubt,
-    "margin_doubt": margin_doubt,
-}
 
 
 # A list number that opens a line ("2. ", "10) ") says nothing about the step it opens.
@@ -97,12 +88,25 @@ def _opens_line(text: str, i: int) -> bool:
 
 def content_token(token_bytes: Callable[[int], bytes], tokens: Sequence[int], cap: int) -> int | None:
     """Index of the token in which a step's content begins (see `content_start`), within its first `cap` tokens."""
-    data, ends = b"", []
+    pieces: list[bytes] = []
     for token in tokens[:cap]:
-        data += token_bytes(token)
-        text = data.decode("utf-8", errors="ignore")
-        ends.append(len(text))
+        pieces.append(token_bytes(token))
+        text = b"".join(pieces).decode("utf-8", errors="ignore")
         start = content_start(text)
         if start is not None:
-            return next(i for i, end in enumerate(ends) if end > start)
+            return token_at(pieces, text, start)
     return None
+
+
+def token_at(pieces: Sequence[bytes], text: str, char: int) -> int:
+    """Index of the token in which character `char` of `text` (the pieces decoded) begins.
+
+    Counted in bytes: a character split over two tokens begins in the first.
+    """
+    offset = len(text[:char].encode("utf-8"))
+    total = 0
+    for i, piece in enumerate(pieces):
+        total += len(piece)
+        if total > offset:
+            return i
+    return len(pieces) - 1

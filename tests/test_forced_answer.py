@@ -104,3 +104,44 @@ def test_the_live_view_sees_the_forced_answer_as_a_step_with_its_marker():
     index, model, h_init, pieces = seen[-1]
     assert (index, model, h_init) == (steps[-1].index, "large", None)
     assert "".join(pieces) == steps[-1].text == "The answer is 42."
+
+
+def test_an_answer_cut_by_the_budget_may_use_the_tokens_kept_for_a_forced_one():
+    script = [S(0.1, "a" * 20, "A" * 20), S(0.1, "The answer is 42.", "The answer is 42.")]
+    trace, steps = run(fake_router(script, always_small(), max_tokens=41, forced_answer_tokens=16))
+    assert trace.answer_text == "The answer is 42." and trace.forced_answer is None
+
+
+def test_a_marker_with_nothing_after_it_is_no_answer_and_one_is_forced():
+    script = [S(0.1, "a = 1", "A = 1"), S(0.1, "The answer is<eos>", "The answer is<eos>"),
+              S(0.1, "The answer is 7.", "The answer is 7.")]
+    trace, steps = run(fake_router(script, always_small()))
+    assert trace.forced_answer == "answer" and steps[-1].forced == "answer"
+
+
+def test_the_forced_answer_never_cuts_into_the_prompt_and_the_context_count_is_exact():
+    question = "q" * 40
+    script = [S(2.0, f"L{i:03d} long line", f"L{i:03d} LONG LINE") for i in range(20)]
+    router = fake_router(script, always_large(), n_ctx=80, forced_answer_tokens=30)
+    trace = router.run(question)
+    steps = list(trace)
+    large = router._sides["large"].backend
+    text = b"".join(large.token_bytes(t) for t in large.tokens).decode()
+    assert text.startswith(f"Q: {question}\nA:\n") and steps[-1].forced == "context_full"
+    assert trace.context_tokens["large"] == len(large.tokens)
+
+
+def test_a_server_that_refuses_the_forced_answer_ends_the_trace_without_one():
+    from glimp_cli.backends.base import ContextFull
+    from glimp_cli.backends.fake import FakeBackend
+
+    class Refusing(FakeBackend):
+        def write(self, first_token, stop, *args, **kwargs):
+            if stop.answering:
+                raise ContextFull("the server says the context is full")
+            return super().write(first_token, stop, *args, **kwargs)
+
+    router = fake_router(LOOP, threshold(1.0))
+    router._sides["large"].backend.__class__ = Refusing
+    trace, steps = run(router)
+    assert trace.stop_reason == "repetition" and trace.forced_answer is None and steps[-1].forced is None

@@ -388,7 +388,8 @@ def test_the_content_probe_runs_with_its_own_tau_and_a_random_run_at_its_reached
     assert (content.label, content.pair.tau, content.pair.probe_at, content.variant) == (
         "glimp content 50%", 1.3, "content", "content")
     assert content.settings()["probe_at"] == "content" and "probe_at" not in runs[2].settings()
-    assert (random.family, random.matched, random.pair.probe_at) == ("random", "glimp content 50%", "first")
+    assert (random.family, random.matched, random.pair.probe_at, random.variant) == (
+        "random", "glimp content 50%", "first", "content")
     records = {r.label: [record("1", r.mode, True, 1.0, tokens=(40, 20 if r.variant else 10), steps=(1, 1))]
                for r in runs}
     rows = tradeoff.tradeoff_rows(runs, records, lambda label, qid: None)

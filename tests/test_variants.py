@@ -281,3 +281,18 @@ def test_probe_at_is_checked_and_keyed_only_when_set():
     assert pair_settings(apply_overrides(pair, {"probe_at": ("content", "--probe-at")})[0])["probe_at"] == "content"
     with pytest.raises(ConfigError, match="--probe-at value for probe_at"):
         apply_overrides(pair, {"probe_at": ("middle", "--probe-at")})
+
+
+def test_probe_at_content_keeps_a_character_split_over_two_tokens_whole():
+    # "ü" is two one-byte tokens in the fake: the content begins in the first, which must not be dropped.
+    script = [S(0.7, "über alles", "ÜBER ALLES"), ANSWER]
+    router = fake_router(script, threshold(1.0), probe_at="content")
+    _, steps = run(router)
+    assert steps[0].text == "über alles" and steps[0].h_init == pytest.approx(0.7, abs=1e-5)
+    assert "\ufffd" not in small_text(router)
+
+
+def test_a_handover_after_markup_alone_leaves_no_markup_step():
+    script = [S(0.1, "**The answer is 4.**", "The answer is 42."), S(0.1, "x", "y")]
+    _, steps = run(fake_router(script, threshold(1.0)))
+    assert [(s.model, s.text) for s in steps] == [("large", "The answer is 42.")]

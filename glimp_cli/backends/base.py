@@ -252,7 +252,7 @@ def answer_complete(after_marker: str) -> bool:
     `The answer is:` then the number on the next line must not end at that line break; `The answer
     is 4.` may.
     """
-    return any(c.isalnum() for c in after_marker)
+    return has_content(after_marker)
 
 
 def write_tokens(backend: Backend, first_token: int | None, stop: StepStop, sampling: Sampling,
