@@ -513,8 +513,9 @@ def main(argv: list[str] | None = None) -> int:
             small = Scorer(router._sides[SMALL], args.scorer_ctx, args.threads)
             large = Scorer(router._sides[LARGE], args.scorer_ctx, args.threads)
             try:
-                score_file(small, large, runs_dir / "small-judge.jsonl", runs_dir / "scores-judge.jsonl", None, pattern)
+                # glimp's traces first: the outcome label's steps are theirs.
                 score_file(small, large, args.base, runs_dir / "scores-glimp.jsonl", None, pattern)
+                score_file(small, large, runs_dir / "small-judge.jsonl", runs_dir / "scores-judge.jsonl", None, pattern)
                 score_file(small, large, runs_dir / "small-cal.jsonl", runs_dir / "scores-cal.jsonl", None, pattern)
             finally:
                 small.close()
