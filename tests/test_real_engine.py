@@ -26,7 +26,8 @@ def run(engine, policy, question, **changes):
 
 def test_live_loop_runs_end_to_end_with_both_models(real_engine):
     # tau at the median H_init of the small model's own steps gives both models work.
-    hs = [s.h_init for q in GSM8K_QUESTIONS for s in run(real_engine, always_small(), q)[1]]
+    # (A forced answer is the large model's and has no H_init.)
+    hs = [s.h_init for q in GSM8K_QUESTIONS for s in run(real_engine, always_small(), q)[1] if not s.forced]
     tau = float(np.median(hs))
     models = set()
     for q in GSM8K_QUESTIONS:
@@ -45,13 +46,18 @@ def test_live_loop_runs_end_to_end_with_both_models(real_engine):
 def test_tau_infinite_gives_small_steps_and_minus_infinite_only_large(real_engine):
     for q in GSM8K_QUESTIONS:
         _, steps = run(real_engine, threshold(math.inf), q)
-        # Only a handed-over answer (or what follows it) may be the large model's.
+        # Only a handed-over or forced answer (or what follows it) may be the large model's.
         first_large = next((i for i, s in enumerate(steps) if s.model == "large"), len(steps))
         assert all(s.model == "large" for s in steps[first_large:])
         if first_large < len(steps):
             handed = steps[first_large]
-            # The small model reached the marker or its end, or its whole draft was dropped.
-            assert (first_large >= 1 and steps[first_large - 1].stop_reason in ("handover", "eos")) or handed.discarded_tokens
+            # The small model reached the marker or its end, or its whole draft was dropped, or it ran
+            # out of tokens without an answer and the large model's was forced.
+            assert (
+                (first_large >= 1 and steps[first_large - 1].stop_reason in ("handover", "eos"))
+                or handed.discarded_tokens
+                or (handed.forced and first_large == len(steps) - 1)
+            )
             assert all(s.h_init is None for s in steps[first_large + 1:])
         _, steps = run(real_engine, threshold(-math.inf), q)
         assert {s.model for s in steps} == {"large"}
@@ -81,6 +87,8 @@ def test_h_init_does_not_depend_on_who_wrote_the_previous_step(real_engine):
         steps = list(router.run(q))
         own = list(router._sides["small"].backend.tokens)
         for k in range(1, len(steps)):
+            if steps[k].forced:
+                continue  # the large model's forced answer: no H_init to compare
             replay = real_engine.router(threshold(0.0), small_pair(real_engine))._sides["small"]
             replay.start(q)
             replay.sync([s.text for s in steps[:k]])
