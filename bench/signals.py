@@ -357,7 +357,17 @@ def judge(rows: list[dict], label: Callable[[dict], object], kind: str, seed: in
 
 
 def load_rows(path: Path) -> list[dict]:
-    return [row for line in _lines(path) for row in json.loads(line)["steps"]]
+    """The scored steps of a scores file; a trace scored before a signal existed is named, not guessed."""
+    needed = {column for column, _, _ in SIGNALS} - {"random", "after_large"}
+    rows = []
+    for line in _lines(path):
+        trace = json.loads(line)
+        missing = sorted(needed - set(trace["steps"][0])) if trace["steps"] else []
+        if missing:
+            raise SystemExit(f"{path}: trace {trace['id']} has no {', '.join(missing)} (scored by an older "
+                             "bench/signals.py): delete its line and run --phases score again")
+        rows.extend(trace["steps"])
+    return rows
 
 
 def _fmt(cell: Cell) -> str:
@@ -436,8 +446,8 @@ def write_plot(path: Path, results: list[tuple[str, dict[str, Cell]]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [(t, c) for t, c in results if "rho" not in t][:3]
-    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 6), sharey=True)
+    shown = [(t, c) for t, c in results if "rho" not in t]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 6), sharey=True)
     names = [name for _, name, _ in SIGNALS]
     ys = np.arange(len(names))
     for ax, (title, cells) in zip(np.atleast_1d(axes), shown):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -110,3 +111,14 @@ def test_the_token_where_content_begins():
     assert content_token(pieces.__getitem__, [4, 5, 6], 8) == 2
     assert content_token(pieces.__getitem__, [4, 5, 6], 2) is None  # not within the cap
     assert content_token(pieces.__getitem__, [5, 7, 8], 8) == 1  # é, split over two tokens, begins in the first
+
+
+def test_a_trace_scored_before_a_signal_existed_is_named_not_guessed(tmp_path):
+    full = {column: 0.5 for column, _, _ in bench_signals.SIGNALS if column not in ("random", "after_large")}
+    path = tmp_path / "scores.jsonl"
+    old = {k: v for k, v in full.items() if k != "h_content"}
+    path.write_text(json.dumps({"id": "1", "steps": [full]}) + "\n" + json.dumps({"id": "7", "steps": [old]}) + "\n")
+    with pytest.raises(SystemExit, match=r"scores.jsonl: trace 7 has no h_content"):
+        bench_signals.load_rows(path)
+    path.write_text(json.dumps({"id": "1", "steps": [full, full]}) + "\n")
+    assert len(bench_signals.load_rows(path)) == 2
