@@ -543,6 +543,8 @@ def serve(
     queue: int = typer.Option(8, "--queue", envvar="GLIMP_QUEUE", help="Requests per pair that may wait for a worker; past that the answer is 503 with Retry-After."),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="NAME of an environment variable holding the API key; then every /v1 route needs Authorization: Bearer KEY."),
     max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", help="Largest request body accepted (413 past it)."),
+    cors_origin: Optional[list[str]] = typer.Option(
+        None, "--cors-origin", metavar="ORIGIN", help="Let pages from ORIGIN (scheme://host[:port], or * for any) call the API from a browser; repeat or separate with commas (default: none)."),
     small: Optional[str] = SmallOpt,
     large: Optional[str] = LargeOpt,
     tau: Optional[float] = TauOpt,
@@ -578,7 +580,7 @@ def serve(
             registry, spec = _resolve(ctx, config, name, values, verbose)
             specs.append(spec)
         stopped = run_server(ServeOptions(registry, specs, host, port, workers, queue, api_key_env, max_body_bytes,
-                                          log=lambda line: err.print(line, markup=False)))
+                                          tuple(cors_origin or ()), log=lambda line: err.print(line, markup=False)))
         err.print(f"glimp serve: stopped ({stopped})", markup=False)
 
 

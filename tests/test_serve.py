@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import http.client
 import io
 import json
@@ -125,9 +126,10 @@ def test_a_request_maps_onto_the_pair_with_its_overrides():
     assert (req.question, req.pair.mode, req.pair.tau, req.pair.temperature, req.pair.seed, req.pair.max_tokens) == \
         ("What is 2+2?", "large", 1.5, 0.5, 3, 40)
     assert req.stop == ("x",) and req.stream and req.include_usage
-    # A mode field beats the model id's suffix; the pair's settings fill the rest.
-    req = parse_request("chat", {**CHAT, "model": "tiny:large", "mode": "small"}, PAIRS)
-    assert req.pair.mode == "small" and req.pair.tau == 3.5
+    # A mode field alone or agreeing with the model id's suffix; the pair's settings fill the rest.
+    for model in ("tiny", "tiny:small"):
+        req = parse_request("chat", {**CHAT, "model": model, "mode": "small"}, PAIRS)
+        assert req.pair.mode == "small" and req.pair.tau == 3.5
     req = parse_request("text", {"model": "glimp/tiny", "prompt": ["What is 3+3?"]}, PAIRS)
     assert req.question == "What is 3+3?" and req.kind == "text"
     parts = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
@@ -141,13 +143,14 @@ def test_a_request_maps_onto_the_pair_with_its_overrides():
     ("chat", {"n": 2}, 400, "n", "n must be 1"),
     ("chat", {"temperature": 3}, 400, "temperature", "between 0 and 2"),
     ("chat", {"temperature": "hot"}, 400, "temperature", "finite number"),
-    ("chat", {"top_p": 0}, 400, "top_p", "top_p"),
+    ("chat", {"top_p": 1.5}, 400, "top_p", "between 0 and 1"),
     ("chat", {"max_tokens": 0}, 400, "max_tokens", "at least 1"),
     ("chat", {"max_tokens": 2.5}, 400, "max_tokens", "integer"),
     ("chat", {"seed": -1}, 400, "seed", "between 0"),
     ("chat", {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ("chat", {"stop": [""]}, 400, "stop", "non-empty"),
     ("chat", {"mode": "fast"}, 400, "mode", "not one of"),
+    ("chat", {"model": "glimp/tiny:large", "mode": "small"}, 400, "mode", "differs from the mode 'large'"),
     ("chat", {"large_share": 2}, 400, "large_share", "between 0 and 1"),
     ("chat", {"tau": float("nan")}, 400, "tau", "finite"),
     ("chat", {"stream_options": {"include_usage": True}}, 400, "stream_options", "only allowed when stream"),
@@ -178,6 +181,16 @@ def test_a_bad_request_gets_its_status_and_names_the_field(kind, change, status,
     assert err.body()["error"]["message"] == err.message
 
 
+def test_top_p_0_decodes_greedily_and_range_errors_read_alike():
+    req = parse_request("chat", {**CHAT, "temperature": 0.8, "top_p": 0}, PAIRS)
+    assert (req.pair.temperature, req.pair.top_p) == (0.0, 1.0)  # the nucleus holds the most likely token alone
+    for key, value, bounds in [("temperature", 2.5, "0 and 2"), ("top_p", -0.1, "0 and 1"), ("top_p", 1.5, "0 and 1"),
+                               ("large_share", 1.5, "0 and 1")]:
+        with pytest.raises(ApiError) as caught:
+            parse_request("chat", {**CHAT, key: value}, PAIRS)
+        assert caught.value.message == f"{key} must be between {bounds} (got {value})"
+
+
 def test_a_refused_conversation_says_what_the_pair_prompt_formats_are():
     with pytest.raises(ApiError) as caught:
         parse_request("chat", {**CHAT, "messages": [{"role": "system", "content": "x"}, *CHAT["messages"]]}, PAIRS)
@@ -187,21 +200,37 @@ def test_a_refused_conversation_says_what_the_pair_prompt_formats_are():
 
 # --- the whole app on the fake pair, in process ----------------------------------------------
 
+class GatedFake(FakeBackend):
+    """A fake whose every write waits for `gate`: its worker stays busy until the test opens it."""
+
+    def __init__(self, *args, gate: threading.Event, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+
+    def write(self, *args, **kwargs):
+        assert self.gate.wait(60), "the gate was never opened"
+        return super().write(*args, **kwargs)
+
+
 @contextlib.contextmanager
-def fake_app(script, **settings):
-    """The real app with one worker over the scripted fake pair, driven by Starlette's TestClient."""
+def fake_app(script, prompt=FAKE_PROMPT, queue=4, gate: threading.Event | None = None, cors_origins=(), **settings):
+    """The real app with one worker over the scripted fake pair, driven by Starlette's TestClient.
+
+    With `gate`, the worker's models write only once the gate is open.
+    """
     from starlette.testclient import TestClient
 
     from glimp_cli.engine import Engine
     from glimp_cli.serve.app import ServerState, build_app
     from glimp_cli.serve.workers import WorkerPool
 
-    registry = Registry({name: ModelSpec(name, prompt=FAKE_PROMPT) for name in ("s", "l")}, {}, "fake", [], {}, {})
+    registry = Registry({name: ModelSpec(name, prompt=prompt) for name in ("s", "l")}, {}, "fake", [], {}, {})
     pair = PairSpec("fake", "s", "l", **settings)
-    backends = {"small": FakeBackend("s", "small", script), "large": FakeBackend("l", "large", script)}
-    pool = WorkerPool("fake", [Engine(registry, pair, backends)], 4)
-    served = {"fake": ServedPair(pair, {"s": FAKE_PROMPT, "l": FAKE_PROMPT})}
-    state = ServerState(served, {"fake": pool}, None, 1_000_000)
+    fake, extra = (GatedFake, {"gate": gate}) if gate else (FakeBackend, {})
+    backends = {"small": fake("s", "small", script, **extra), "large": fake("l", "large", script, **extra)}
+    pool = WorkerPool("fake", [Engine(registry, pair, backends)], queue)
+    served = {"fake": ServedPair(pair, {"s": prompt, "l": prompt})}
+    state = ServerState(served, {"fake": pool}, None, 1_000_000, tuple(cors_origins))
     try:
         with TestClient(build_app(state)) as client:
             yield client
@@ -268,6 +297,106 @@ def test_max_tokens_is_capped_at_what_the_context_leaves_after_the_prompt():
             assert response.status_code == 400
             assert response.json() == {"error": {"message": response.json()["error"]["message"],
                                                  "type": "invalid_request_error", "param": "max_tokens", "code": None}}
+
+
+def test_a_blank_last_step_is_left_out_of_content_usage_and_steps_but_a_blank_inner_one_stays():
+    no_marker = dataclasses.replace(FAKE_PROMPT, answer_marker=None)  # else a forced answer follows the blank step
+    # The large model writes only the delimiter, then the end: a last step of two tokens and no text.
+    with fake_app([S(0.5, "ab", "XY"), S(2.0, "", "")], prompt=no_marker, tau=1.0) as client:
+        for stream in (False, True):
+            reply = fake_chat(client, stream)
+            assert reply["content"] == "ab"
+            assert [(s["model"], s["text"], s["tokens"]) for s in reply["glimp"]["steps"]] == [("small", "ab", 4)]
+            assert reply["usage"]["completion_tokens"] == 4
+            assert reply["glimp"]["large_share"] == 0 and reply["glimp"]["summary"]["tokens"]["large"] == 0
+            if stream:
+                assert reply["step_ends"] == reply["glimp"]["steps"]
+    # With an answer marker a forced answer follows: the blank step stays, streamed once that answer begins.
+    with fake_app([S(0.5, "ab", "XY"), S(2.0, "", "")], tau=1.0) as client:
+        whole = fake_chat(client, False)
+        steps = whole["glimp"]["steps"]
+        assert [(s["model"], s["text"], s["tokens"]) for s in steps][:2] == [("small", "ab", 4), ("large", "\n\n", 2)]
+        assert steps[2]["forced"] and whole["content"] == "\n\n".join(s["text"] for s in steps)
+        streamed = fake_chat(client, True)
+        assert streamed["content"] == whole["content"]
+        assert streamed["step_ends"] == streamed["glimp"]["steps"]
+
+
+def test_a_lone_surrogate_is_a_400_that_names_where_it_is_and_a_surrogate_pair_is_text():
+    with fake_app(SCRIPT, tau=1.0) as client:
+        for raw, where in [(r'"messages": [{"role": "user", "content": "hi \ud800"}]', "messages[0].content"),
+                           (r'"messages": [{"role": "user", "content": "hi"}], "\udfff": 1', "\\udfff")]:
+            response = client.post("/v1/chat/completions", content=('{"model": "glimp/fake", ' + raw + "}").encode(),
+                                   headers={"Content-Type": "application/json"})
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == where and "lone UTF-16 surrogate" in error["message"]
+        response = client.post("/v1/chat/completions", content=rb'{"model": "glimp/fake", "messages": '
+                               rb'[{"role": "user", "content": "hi \ud83d\ude00"}]}',
+                               headers={"Content-Type": "application/json"})
+        assert response.status_code == 200, response.text
+
+
+def test_an_unknown_path_is_a_404_that_lists_the_paths_this_server_offers():
+    with fake_app(SCRIPT, tau=1.0) as client:
+        response = client.post("/v1/embeddings", json={"model": "glimp/fake", "input": "x"})
+        assert response.status_code == 404
+        message = response.json()["error"]["message"]
+        assert message.startswith("/v1/embeddings is not a path this server offers; it offers GET /, GET /health, ")
+        assert "POST /v1/chat/completions" in message and "GET /v1/models/{model}" in message
+        assert "under /v1" not in message
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_at_once_even_with_the_queue_full():
+    gate = threading.Event()
+    with fake_app(SCRIPT, queue=0, gate=gate, tau=1.0) as client:
+        replies = []
+        running = threading.Thread(target=lambda: replies.append(fake_chat(client, False)))
+        running.start()
+        try:
+            deadline = time.monotonic() + 30
+            while client.get("/health").json()["load"]["fake"]["busy"] < 1:  # the one worker waits at the gate
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            body = {"model": "glimp/fake", "messages": [{"role": "user", "content": "q?"}]}
+            assert client.post("/v1/chat/completions", json=body).status_code == 503  # no place left
+            long = {**body, "messages": [{"role": "user", "content": "x" * 5000}]}  # one token a byte, n_ctx 4096
+            response = client.post("/v1/chat/completions", json=long)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["code"] == "context_length_exceeded"
+            assert not replies  # answered while the worker is still busy
+        finally:
+            gate.set()
+            running.join(30)
+        assert replies and replies[0]["content"]
+
+
+def test_cors_preflight_succeeds_from_a_given_origin_only_and_is_off_by_default():
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-lang"}
+    with fake_app(SCRIPT, cors_origins=("http://localhost:3000",), tau=1.0) as client:
+        allowed = client.options("/v1/chat/completions", headers={"Origin": "http://localhost:3000", **preflight})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert "POST" in allowed.headers["access-control-allow-methods"]
+        other = client.options("/v1/chat/completions", headers={"Origin": "http://evil.example", **preflight})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        models = client.get("/v1/models", headers={"Origin": "http://localhost:3000"})
+        assert models.headers["access-control-allow-origin"] == "http://localhost:3000"
+    with fake_app(SCRIPT, tau=1.0) as client:
+        off = client.options("/v1/chat/completions", headers={"Origin": "http://localhost:3000", **preflight})
+        assert off.status_code == 405 and "access-control-allow-origin" not in off.headers
+
+
+def test_cors_origins_are_split_at_commas_and_checked():
+    from glimp_cli.errors import UsageError
+    from glimp_cli.serve.server import _cors_origins
+
+    assert _cors_origins(("http://localhost:3000, https://app.example", "*")) == \
+        ("http://localhost:3000", "https://app.example", "*")
+    for bad in ("localhost:3000", "http://localhost:3000/", "http://a.example/chat"):
+        with pytest.raises(UsageError, match="not an origin"):
+            _cors_origins((bad,))
 
 
 # --- the command line's edge ------------------------------------------------------------------

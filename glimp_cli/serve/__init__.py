@@ -29,6 +29,7 @@ class ServeOptions:
     queue_size: int = 8
     api_key_env: str | None = None
     max_body_bytes: int = 1_000_000
+    cors_origins: tuple[str, ...] = ()  # as given: each may hold several, separated by commas
     stop_seconds: float = STOP_SECONDS
     log: Callable[[str], None] = print
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -14,6 +15,8 @@ import anyio
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -21,18 +24,21 @@ from starlette.routing import Route
 from glimp_cli.serve.protocol import ApiError, CompletionRequest, ServedPair, chunk_body, completion_body, parse_request
 from glimp_cli.serve.workers import DISCONNECTED, Job, WorkerPool
 
+# json.loads joins an escaped surrogate pair into one character: a surrogate left in a string has no pair.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # Seconds a stream may take after a shutdown signal to end with its error chunk before it is cut.
 SHUTDOWN_GRACE_SECONDS = 10.0
 
 
 @dataclass
 class ServerState:
-    """What the routes share: the served pairs, their workers, the key and limits."""
+    """What the routes share: the served pairs, their workers, the key and limits, the CORS origins."""
 
     pairs: dict[str, ServedPair]
     pools: dict[str, WorkerPool]
     api_key: str | None
     max_body_bytes: int
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API from a browser ("*": any)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def begin_shutdown(self) -> None:
@@ -84,7 +90,9 @@ def build_app(state: ServerState) -> Starlette:
         Route("/v1/completions", text, methods=["POST"]),
     ]
     handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error}
-    return Starlette(routes=routes, exception_handlers=handlers)
+    middleware = [Middleware(CORSMiddleware, allow_origins=list(state.cors_origins), allow_methods=["GET", "POST"],
+                             allow_headers=["*"], expose_headers=["Retry-After"])] if state.cors_origins else []
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
 
 
 def authorize(request: Request, state: ServerState) -> None:
@@ -110,11 +118,33 @@ async def read_json(request: Request, limit: int):
     if not data:
         raise ApiError(400, "the request body is empty: send a JSON object")
     try:
-        return json.loads(bytes(data))
+        body = json.loads(bytes(data))
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # fails fast on a lone surrogate; the walk names where
+    except UnicodeEncodeError:
+        where = _lone_surrogate(body)
+        raise ApiError(400, f"{where} holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape without its pair), "
+                            "which is not a character", param=where, code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:
         raise ApiError(400, "the request body is nested too deeply to parse", code="invalid_json") from None
+    return body
+
+
+def _lone_surrogate(body) -> str:
+    """Where in `body` a string (or key) holds a lone surrogate, as a param path such as messages[0].content."""
+    stack = [(body, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                here = f"{where}.{key}" if where else key
+                stack += [(key, here), (item, here)]
+        elif isinstance(value, list):
+            stack += [(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        elif isinstance(value, str) and LONE_SURROGATE.search(value):
+            return (where or "the request body").encode("utf-8", "backslashreplace").decode("utf-8")
+    return "the request body"
 
 
 async def complete(request: Request, kind: str, state: ServerState) -> Response:
@@ -125,8 +155,10 @@ async def complete(request: Request, kind: str, state: ServerState) -> Response:
     except ClientDisconnect:
         return Response(status_code=400)
     parsed = parse_request(kind, body, state.pairs)
-    job = Job(parsed, asyncio.get_running_loop())
-    state.pools[parsed.pair.name].submit(job)
+    pool = state.pools[parsed.pair.name]
+    # A prompt too long for a model is refused before it takes a place in the queue; tokenizing is off the loop.
+    job = Job(await anyio.to_thread.run_sync(pool.fit, parsed), asyncio.get_running_loop())
+    pool.submit(job)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
         if not parsed.stream:
@@ -225,7 +257,10 @@ async def _api_error(request: Request, exc: ApiError) -> Response:
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     if exc.status_code == 404:
-        return _error_response(ApiError(404, f"no route {request.url.path}: the API is under /v1", code="not_found"))
+        offered = ", ".join(f"{method} {route.path_format}" for route in request.app.routes
+                            for method in sorted(route.methods - {"HEAD"}))
+        return _error_response(ApiError(404, f"{request.url.path} is not a path this server offers; "
+                                             f"it offers {offered}", code="not_found"))
     if exc.status_code == 405:
         return _error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}",
                                         code="method_not_allowed"))

@@ -98,6 +98,7 @@ class CompletionRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    prompt_tokens: dict[str, int] = dataclasses.field(default_factory=dict)  # per model role, set by fit_context
 
 
 def parse_request(kind: str, body: Any, pairs: dict[str, ServedPair]) -> CompletionRequest:
@@ -209,12 +210,16 @@ def _nonempty(text: str, where: str) -> str:
 
 
 def _settings(body: dict, mode_from_id: str | None) -> dict:
-    """Pair settings this request overrides (request field > model id suffix > the server's)."""
+    """Pair settings this request overrides (request fields and the model id's mode > the server's)."""
     values: dict[str, Any] = {}
     if "temperature" in body and body["temperature"] is not None:
         values["temperature"] = _number(body, "temperature", 0.0, 2.0)
     if "top_p" in body and body["top_p"] is not None:
-        values["top_p"] = _number(body, "top_p", 0.0, 1.0)
+        top_p = _number(body, "top_p", 0.0, 1.0)
+        if top_p == 0:
+            values["temperature"] = 0.0  # a nucleus of no mass holds the most likely token alone: greedy
+        else:
+            values["top_p"] = top_p
     if "seed" in body and body["seed"] is not None:
         values["seed"] = _integer(body, "seed", 0, 2**63 - 1)
     budgets = {k: body[k] for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None}
@@ -231,6 +236,9 @@ def _settings(body: dict, mode_from_id: str | None) -> dict:
     mode = body.get("mode")
     if mode is not None and mode not in MODES:
         raise ApiError(400, f"mode {mode!r} is not one of {', '.join(MODES)}", param="mode")
+    if mode and mode_from_id and mode != mode_from_id:
+        raise ApiError(400, f"mode {mode!r} differs from the mode {mode_from_id!r} the model id names: give one",
+                       param="mode")
     if mode or mode_from_id:
         values["mode"] = mode or mode_from_id
     return values

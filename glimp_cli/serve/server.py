@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 from time import monotonic
+from urllib.parse import urlsplit
 
 import uvicorn
 from sse_starlette.sse import AppStatus
@@ -64,6 +65,7 @@ def run(options: ServeOptions) -> str:
         raise UsageError("--queue must be >= 0")
     if options.max_body_bytes < 1024:
         raise UsageError("--max-body-bytes must be at least 1024")
+    cors_origins = _cors_origins(options.cors_origins)
     sock = _bind(options.host, options.port)
     pools: dict[str, WorkerPool] = {}
     server = None
@@ -81,7 +83,7 @@ def run(options: ServeOptions) -> str:
                     engine.close()
                 raise
             pools[pair.name] = WorkerPool(pair.name, engines, options.queue_size)
-        state = ServerState(served, pools, api_key, options.max_body_bytes)
+        state = ServerState(served, pools, api_key, options.max_body_bytes, cors_origins)
         config = uvicorn.Config(build_app(state), log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=int(SHUTDOWN_GRACE_SECONDS) + 5)
         server = _Server(config, state, options.stop_seconds)
@@ -92,7 +94,8 @@ def run(options: ServeOptions) -> str:
             options.log(f"glimp serve: warning: listening on {host} without --api-key-env: "
                         "anyone who can reach this address can use the models")
         options.log(f"glimp serve: http://{where}:{port}/ ({ids}; {options.workers} worker(s) per pair, "
-                    f"queue {options.queue_size}{', API key required' if api_key else ''}); Ctrl-C stops")
+                    f"queue {options.queue_size}{', API key required' if api_key else ''}"
+                    f"{', CORS for ' + ' '.join(cors_origins) if cors_origins else ''}); Ctrl-C stops")
         server.run(sockets=[sock])
         return signal.Signals(server.stop_signal).name if server.stop_signal else "stopped"
     finally:
@@ -112,6 +115,18 @@ def _api_key(env_name: str | None) -> str | None:
     if not key.strip():
         raise UsageError(f"--api-key-env {env_name}: the environment variable {env_name} is not set or empty")
     return key.strip()
+
+
+def _cors_origins(given: tuple[str, ...]) -> tuple[str, ...]:
+    """The --cors-origin values split at commas, each checked to be an origin as a browser sends it, or *."""
+    origins = tuple(o.strip() for value in given for o in value.split(",") if o.strip())
+    for origin in origins:
+        parts = urlsplit(origin)
+        if origin != "*" and not (parts.scheme and parts.netloc and not parts.path and not parts.query
+                                  and not parts.fragment):
+            raise UsageError(f"--cors-origin {origin}: not an origin; give scheme://host[:port] with no path "
+                             "(e.g. http://localhost:3000), or * for any")
+    return origins
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -10,6 +10,10 @@ up to exactly the content of the non-streaming answer.
 
 A stop string may cut a step, even one still being written: `shown_steps` then gives the steps as the
 content shows them, so that the record and usage agree with the text.
+
+A blank step (whitespace at most, such as a model that wrote only the delimiter) waits for the step
+after it: as the last step it would only end the content in a delimiter, so then it is left out of the
+content and, through `held`, of the record and usage.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class TraceStream:
         self._announced = False
         self._live = ""
         self._pieces = 0  # text pieces of the step being written
+        self.held: Step | None = None  # a finished blank step, not sent until a step follows it
 
     # StepListener
     def step_started(self, index: int, model: str, h_init: float | None) -> None:
@@ -76,6 +81,7 @@ class TraceStream:
             return
         visible = self._live.rstrip()
         if visible:
+            self._show_held()
             self._advance(self._content_with(visible), final=False)
 
     def draft_discarded(self, index: int, tokens: int) -> None:
@@ -84,22 +90,19 @@ class TraceStream:
 
     # driven by the worker
     def step_finished(self, step: Step) -> None:
-        """The router settled a step: its text is final; send it (the step's start if not yet)."""
+        """The router settled a step: its text is final; send it (the step's start if not yet), or hold it if blank."""
         self._writing = False
-        if self._step is None or self._step["index"] != step.index or self._step["model"] != step.model:
-            self._step = {"index": step.index, "model": step.model, "h_init": step.h_init}
-            self._announced = False
-        self._advance(self._content_with(step.text), final=False, force_announce=True)
-        self.committed = self._content_with(step.text)
-        self.finished_steps += 1
-        self._step = None
         self._live = ""
-        if self.emit:
-            self.emit(("step_end", step_record(step)))
+        self._show_held()
+        if step.text.strip():
+            self._show(step)
+        else:
+            self.held = step
+            self._step = None
         self._check()
 
     def finish(self) -> str:
-        """The trace ended: send what was held back; returns the whole content."""
+        """The trace ended: send what was held back; returns the whole content (without a `held` blank step)."""
         if not self.stopped:
             self._advance(self.committed, final=True)
         return self.content
@@ -133,6 +136,30 @@ class TraceStream:
 
     def _content_with(self, step_text: str) -> str:
         return self.committed + (self.delimiter if self.finished_steps else "") + step_text
+
+    def _show(self, step: Step) -> None:
+        """Send a finished step's text and its step_end; it becomes part of the committed content."""
+        if self._step is None or self._step["index"] != step.index or self._step["model"] != step.model:
+            self._step = {"index": step.index, "model": step.model, "h_init": step.h_init}
+            self._announced = False
+        self._advance(self._content_with(step.text), final=False, force_announce=True)
+        self.committed = self._content_with(step.text)
+        self.finished_steps += 1
+        self._step = None
+        if self.emit:
+            self.emit(("step_end", step_record(step)))
+
+    def _show_held(self) -> None:
+        """A step follows the held blank one: send the blank one first, then go on with the step being written."""
+        if self.held is None:
+            return
+        held, self.held = self.held, None
+        writing, announced = self._step, self._announced
+        self._step = None
+        try:
+            self._show(held)
+        finally:
+            self._step, self._announced = writing, announced
 
     def _check(self) -> None:
         reason = self.cancelled()

@@ -17,7 +17,6 @@ from time import monotonic, perf_counter
 from typing import Callable
 
 from glimp_cli import __version__
-from glimp_cli.config import PairSpec
 from glimp_cli.engine import Engine, pair_policy
 from glimp_cli.errors import ContextLimitError, GlimpError
 from glimp_cli.grading import extract_answer
@@ -96,6 +95,14 @@ class WorkerPool:
             self._admitted += 1
             self._unfinished.add(job)
         self._jobs.put(job)
+
+    def fit(self, request: CompletionRequest) -> CompletionRequest:
+        """`fit_context` on this pool's models, run before the request takes a place in the queue.
+
+        It only renders and tokenizes, which is safe beside a worker that generates (llama-server
+        tokenizes in its HTTP threads too); every engine holds the same models, so the first serves.
+        """
+        return fit_context(self.engines[0], request)
 
     def load(self) -> dict:
         """Workers busy, requests waiting, and how the admitted requests ended so far."""
@@ -186,11 +193,10 @@ def run_job(engine: Engine, job: Job, cancelled: Callable[[], str | None]) -> st
         return reason  # a client that left while waiting needs no answer
     try:
         policy = pair_policy(request.pair)
-        pair, prompts = fit_context(engine, request, policy.models)
         job.put(("started",))
-        stream = TraceStream(pair.delimiter, request.stop, policy.rewrite is not None,
+        stream = TraceStream(request.pair.delimiter, request.stop, policy.rewrite is not None,
                              job.put if request.stream else None, cancelled)
-        trace = engine.router(policy, pair).run(request.question, stream)
+        trace = engine.router(policy, request.pair).run(request.question, stream)
         try:
             for step in trace:
                 stream.step_finished(step)
@@ -204,7 +210,9 @@ def run_job(engine: Engine, job: Job, cancelled: Callable[[], str | None]) -> st
             # A request stop string: the record (steps, summary, usage) shows what the content shows.
             trace.steps[:] = stream.shown_steps(trace.steps, functools.partial(written_tokens, engine, trace))
         content = stream.finish()
-        job.put(("done", trace_result(request, pair, trace, policy, content, prompts, stream.stopped)))
+        if stream.held is not None:
+            trace.steps.remove(stream.held)  # a blank last step: the content ends before it
+        job.put(("done", trace_result(request, trace, policy, content, stream.stopped)))
         return "done"
     except ApiError as exc:
         job.put(("error", exc))
@@ -222,10 +230,11 @@ def run_job(engine: Engine, job: Job, cancelled: Callable[[], str | None]) -> st
         return "error"
 
 
-def fit_context(engine: Engine, request: CompletionRequest, roles) -> tuple[PairSpec, dict[str, int]]:
-    """The request's pair with max_tokens capped at what the context of each model in `roles` leaves after
+def fit_context(engine: Engine, request: CompletionRequest) -> CompletionRequest:
+    """The request with max_tokens capped at what the context of each model its mode uses leaves after
     its prompt, and the prompt tokens per model; a 400 when a prompt does not fit."""
     pair = request.pair
+    roles = pair_policy(pair).models
     room = pair.max_tokens
     lengths = {}
     for role in ("small", "large"):
@@ -247,7 +256,7 @@ def fit_context(engine: Engine, request: CompletionRequest, roles) -> tuple[Pair
                            code="context_length_exceeded")
         lengths[role] = n
         room = min(room, backend.n_ctx - n)
-    return dataclasses.replace(pair, max_tokens=room), lengths
+    return dataclasses.replace(request, pair=dataclasses.replace(pair, max_tokens=room), prompt_tokens=lengths)
 
 
 def written_tokens(engine: Engine, trace, role: str, pieces: int) -> int:
@@ -261,9 +270,9 @@ def written_tokens(engine: Engine, trace, role: str, pieces: int) -> int:
     return len(backend.tokens) - trace.context_tokens[role]
 
 
-def trace_result(request: CompletionRequest, pair: PairSpec, trace, policy, content: str, prompts: dict[str, int],
-                 stopped: bool) -> dict:
+def trace_result(request: CompletionRequest, trace, policy, content: str, stopped: bool) -> dict:
     """The finished request: content, finish_reason, usage and the `glimp` record (as `glimp ask --json`)."""
+    pair, prompts = request.pair, request.prompt_tokens
     record = trace.to_dict()
     record.pop("question")
     if stopped:
