@@ -174,7 +174,9 @@ class ResultsFile:
         self.path = path
         self.repaired = repaired  # what resume cut away from a torn last line, if anything
         self.done: set[tuple[str, str]] = set()
-        # (id, mode) -> (large steps, all steps): what the random mode's matched share is made of.
+        # (id, mode) -> (large steps, steps) among the steps a policy routed (those probed for an H_init):
+        # what the random mode's matched share is made of. The steps no policy chooses (the answer after a
+        # handover, a forced answer) stay out, as random mode gets the same ones on top of its own choices.
         self.step_counts: dict[tuple[str, str], tuple[int, int]] = {}
         self._file = file
         self._empty_on_start = empty_on_start  # --overwrite: emptied by `start`, not before
@@ -256,9 +258,10 @@ class ResultsFile:
     def _index(self, record: dict) -> None:
         key = (record["id"], record["mode"])
         self.done.add(key)
-        steps = record.get("model_steps")
-        if isinstance(steps, dict):
-            self.step_counts[key] = (steps.get(LARGE, 0), steps.get(SMALL, 0) + steps.get(LARGE, 0))
+        steps = record.get("steps")
+        if isinstance(steps, list):
+            routed = [s for s in steps if isinstance(s, dict) and s.get("h_init") is not None]
+            self.step_counts[key] = (sum(s.get("model") == LARGE for s in routed), len(routed))
 
 
 def _read_records(path: Path) -> tuple[list[tuple[int, dict]], int, int | None]:
@@ -384,7 +387,7 @@ def order_modes(modes: Iterable[str]) -> list[str]:
 
 
 def matched_share(out: ResultsFile, questions: list[Question]) -> float | None:
-    """The pooled large share of steps the glimp mode reached on `questions` in `out`."""
+    """The pooled large share of the routed steps the glimp mode reached on `questions` in `out`."""
     counts = [out.step_counts[(q.id, "glimp")] for q in questions if (q.id, "glimp") in out.step_counts]
     total = sum(all_steps for _, all_steps in counts)
     return sum(large for large, _ in counts) / total if total else None

@@ -388,11 +388,15 @@ def test_random_runs_at_the_share_glimp_reached_on_the_same_questions(tmp_path: 
 def test_random_share_comes_from_resumed_glimp_records_of_these_questions_only(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     settings = {**KEY, "mode": "glimp", "baseline": False, "version": __version__}
-    made = [("q1", 1, 3), ("q2", 3, 3), ("other", 10, 0)]  # (id, large steps, small steps)
-    path.write_text("".join(
-        json.dumps({"id": i, "mode": "glimp", "model_steps": {"small": s, "large": l}, "settings": settings}) + "\n"
-        for i, l, s in made
-    ))
+    made = [("q1", 1, 3), ("q2", 3, 3), ("other", 10, 0)]  # (id, large steps, small steps) the policy routed
+
+    def record(i: str, large: int, small: int) -> dict:
+        routed = [{"model": "large", "h_init": 2.0}] * large + [{"model": "small", "h_init": 0.1}] * small
+        answer = {"model": "large", "h_init": None}  # handed over or forced: no policy chose it, so not counted
+        return {"id": i, "mode": "glimp", "model_steps": {"small": small, "large": large + 1},
+                "steps": routed + [answer], "settings": settings}
+
+    path.write_text("".join(json.dumps(record(*m)) + "\n" for m in made))
     routers = Routers()
     outcome = batch(path, ["random"], questions=QUESTIONS[:2], routers=routers)
     # Pooled over q1 and q2 (a mean of their shares would be 0.375); "other" is not in this batch.

@@ -293,8 +293,10 @@ def test_random_runs_at_the_pooled_share_its_glimp_run_reached_so_far(tmp_path):
     runs = runs_in(tmp_path)[2:4]  # glimp and its random run
     glimp, random = runs
     files = open_files(runs)
-    # q1's glimp record is already on file with 1 large step of 4.
-    files[glimp.label].append({**record("q1", "glimp", True, 1.0, steps=(3, 1)), "settings": glimp.settings()})
+    # q1's glimp record is already on file with 1 large step of the 4 its policy routed, then the answer.
+    routed = [{"model": LARGE, "h_init": 2.0}] + [{"model": SMALL, "h_init": 0.2}] * 3
+    files[glimp.label].append({**record("q1", "glimp", True, 1.0, steps=(3, 2)), "settings": glimp.settings(),
+                               "steps": routed + [{"model": LARGE, "h_init": None}]})
     shares = []
 
     def router_for(run, share):
