@@ -263,7 +263,7 @@ def profile_engine(engine, step_tokens: int = DEFAULT_STEP_TOKENS) -> Profile:
     threads, models, prompts = {}, {}, {}
     for role in (SMALL, LARGE):
         backend = engine.backends[role]
-        if getattr(backend, "context", "tokens") == "text":
+        if backend.context == "text":
             raise UsageError(f"the {role} model {backend.name!r} is behind a server: glimp profile measures "
                              "in-process models only (their prefill and probe are not visible over HTTP)")
         spec = engine.registry.model(getattr(engine.pair, role))

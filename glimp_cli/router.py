@@ -18,9 +18,8 @@ from glimp_cli.policies import LARGE, SMALL, DraftScore, Policy, Role
 from glimp_cli.prompts import render_prompt
 from glimp_cli.sampling import Sampling, sample_token
 from glimp_cli.signals import content_start, perplexity, token_at
+from glimp_cli.trace_end import EndFacts, trace_end
 
-# Why a trace ended; a step's own stop_reason is one of these or delimiter / max_step_tokens.
-TRACE_STOPS = ("answer", "eos", "stop_string", "max_tokens", "context_full", "repetition", "interrupted")
 # Top log-probabilities a text-level (HTTP) small model is asked for when the estimator is exact but
 # nothing is probed (small mode): its first token of a step is drawn from these.
 DEFAULT_TEXT_TOP_K = 20
@@ -228,9 +227,13 @@ class _Side:
         self.context_len = len(self.backend.tokens)
         return len(lead) + len(ask), room
 
-    def drop_draft(self) -> None:
-        """Forget what `write` added after the settled context (a rejected or handed-over draft)."""
+    def rewind_to_settled(self) -> None:
+        """Forget what was added after the settled context (a dropped draft, the tokens a probe drew)."""
         self.backend.rewind(self.context_len)
+
+    def count_unsettled(self, written: Written) -> None:
+        """Count a step left in the context as written, not settled (the trace ends on it): its tokens."""
+        self.context_len += len(written.tokens)
 
     probe_form = "in-process logits"
 
@@ -301,8 +304,12 @@ class _TextSide:
         self.steps_seen += 1
         return len(written.tokens)
 
-    def drop_draft(self) -> None:
+    def rewind_to_settled(self) -> None:
         """Nothing to undo: `write` never extends the text."""
+
+    def count_unsettled(self, written: Written) -> None:
+        """Count a step the server wrote but `text` does not hold (the trace ends on it): its characters."""
+        self.context_len += len(written.text)
 
     def final_length(self, texts: Sequence[str]) -> None:
         return None
@@ -573,9 +580,9 @@ class _TraceRun:
         while end is None:
             costs = _StepCosts(len(self.trace.steps))
             budget = self.settings.max_tokens - self.answer_reserve - self.generated
-            if budget <= 0:
+            end = trace_end(EndFacts(out_of_tokens=budget <= 0))
+            if end is not None:
                 # The last step ended at its delimiter with the budget used up: no empty step after it.
-                end = "max_tokens"
                 break
             limit = min(self.settings.max_step_tokens, budget)
             try:
@@ -590,7 +597,7 @@ class _TraceRun:
                 if role == LARGE:
                     written = self.write_large(costs, limit, budget)
             except ContextFull:
-                end = "context_full"
+                end = trace_end(EndFacts(context_full=True))
                 break
             step, end = self.finish(costs, role, written, len(written.tokens) >= budget)
             self.trace.steps.append(step)
@@ -650,7 +657,7 @@ class _TraceRun:
         except ContextFull:
             return None
         self.generated += len(written.tokens)
-        side.context_len += len(written.tokens)  # the context now ends with the forced answer
+        side.count_unsettled(written)  # the context now ends with the forced answer
         side.steps_seen = len(self.texts) + 1
         reason = "answer" if has_content(written.text) else "no_answer"
         return Step(index=costs.index, model=role, h_init=None, text=marker + written.text,
@@ -716,7 +723,7 @@ class _TraceRun:
             return
         extended = len(seen) - 1  # every drawn token but an end of generation was evaluated
         if extended:
-            self.small.drop_draft()  # the write evaluates them again, from the first token drawn here
+            self.small.rewind_to_settled()  # the write evaluates them again, from the first token drawn here
             costs.discarded += extended
         costs.logits, costs.first = seen[0], (drawn[0] if drawn else None)
 
@@ -754,7 +761,7 @@ class _TraceRun:
 
     def drop_draft(self, costs: _StepCosts, written: Written) -> Role:
         """Throw the small model's draft away; the large model writes this step instead."""
-        self.small.drop_draft()
+        self.small.rewind_to_settled()
         costs.discarded += len(written.tokens)  # after any the probe drew past the lead
         costs.draft_seconds = written.seconds
         if self.listener:
@@ -766,7 +773,7 @@ class _TraceRun:
         """The large model writes the whole step."""
         if costs.skipped:
             # The probe read past a match the small model drew: the large model writes its own step.
-            self.small.drop_draft()
+            self.small.rewind_to_settled()
             costs.discarded += len(costs.skipped)
             costs.skipped = ()
         self.catch_up(self.large, costs)
@@ -785,13 +792,9 @@ class _TraceRun:
         step_reason = written.reason
         if step_reason == "length":
             step_reason = "max_tokens" if budget_bound else "max_step_tokens"
-        end = step_reason if step_reason in ("eos", "stop_string", "context_full", "max_tokens") else None
-        if role == SMALL and self.answer_phase:
-            end = None  # the small model handed over: the large model writes on until it states the answer
-        elif self.states_answer(role, written) and end in (None, "eos", "stop_string"):
-            end = "answer"
-        if self.loop.add(written.text) and end is None:
-            end = "repetition"
+        facts = EndFacts(step_reason=step_reason, handed_over=role == SMALL and self.answer_phase,
+                         states_answer=self.states_answer(role, written), repeats=self.loop.add(written.text))
+        end = trace_end(facts)
         self.texts.append(written.text)
         writer = router._sides[role]
         kept = len(written.tokens)
@@ -801,12 +804,12 @@ class _TraceRun:
             try:
                 settled = writer.settle(written, written.text)
             except ContextFull:
-                end = end or "context_full"
+                end = trace_end(replace(facts, context_full=True))
             if written.reason == "handover" and settled is not None:
                 kept = settled  # the marker's tokens are dropped from the small model's cache
                 costs.discarded += len(written.tokens) - kept
         if settled is None:
-            writer.context_len += kept
+            writer.count_unsettled(written)
             writer.steps_seen += 1
         step = Step(
             index=costs.index, model=role, h_init=costs.h_init, text=written.text, tokens=kept,
@@ -819,7 +822,7 @@ class _TraceRun:
 
 def _side(slot: ModelSlot, settings: RouteSettings, policy: Policy) -> "_Side | _TextSide":
     """The side for a slot's backend: token-level (in process) or text-level (a server)."""
-    if slot.backend is None or getattr(slot.backend, "context", "tokens") != "text":
+    if slot.backend is None or slot.backend.context != "text":
         return _Side(slot, settings.delimiter)
     k = settings.estimator.k
     if k is None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from glimp_cli.backends.base import StepStop, _score, write_tokens
-from glimp_cli.backends.openai_http import _positions, _topk_entropy, _topk_score
+from glimp_cli.backends.logprobs import parse_logprobs, position_entropy, topk_score
 from glimp_cli.entropy import (
     entropy_and_logprob, exact_entropy, log_softmax, parse_estimator, topk_entropy, topk_entropy_from_logprobs,
 )
@@ -57,7 +57,7 @@ def test_minus_inf_logits_are_masked_tokens():
 ])
 def test_broken_logits_raise_one_clear_error(logits, what):
     for estimate in (exact_entropy, lambda z: topk_entropy(z, 2), topk_entropy_from_logprobs,
-                     lambda z: _score(z, 0), lambda z: _topk_score(np.asarray(z), 0)):
+                     lambda z: _score(z, 0), lambda z: topk_score(np.asarray(z), 0)):
         with pytest.raises(BackendError) as info:
             estimate(np.array(logits, dtype=np.float64))
         assert what in str(info.value) and "\n" not in str(info.value)
@@ -92,14 +92,14 @@ def test_the_server_top_logprobs_follow_the_same_rule_in_both_formats():
         {"token": " cat", "logprob": cat}, {"token": " dog", "logprob": dog}, {"token": "x", "logprob": None},
         {"token": "y", "logprob": NINF}]}]}
     for logprobs in (legacy, listed):  # llama-cpp-python's server and vLLM; llama-server
-        (position,) = _positions(logprobs)
+        (position,) = parse_logprobs(logprobs)
         assert position.text == " cat" and position.logprob == cat
-        assert _topk_entropy(position.top, 20) == pytest.approx(shannon([2 / 3, 1 / 3]), abs=1e-12)
-    assert _topk_entropy([("a", -1.0), ("b", -1.0), ("c", -9.0)], 2) == pytest.approx(math.log(2), abs=1e-12)
+        assert position_entropy(position.top, 20) == pytest.approx(shannon([2 / 3, 1 / 3]), abs=1e-12)
+    assert position_entropy([("a", -1.0), ("b", -1.0), ("c", -9.0)], 2) == pytest.approx(math.log(2), abs=1e-12)
     with pytest.raises(BackendError):
-        _topk_entropy([("a", -0.1), ("b", NAN)], 20)
+        position_entropy([("a", -0.1), ("b", NAN)], 20)
     with pytest.raises(BackendError):
-        _topk_entropy([], 20)
+        position_entropy([], 20)
 
 
 def test_draft_score_with_minus_inf_logits():
@@ -108,7 +108,7 @@ def test_draft_score_with_minus_inf_logits():
     assert entropy == pytest.approx(math.log(2), abs=1e-12) and logprob == pytest.approx(math.log(0.5))
     assert entropy_and_logprob(logits, 2)[1] == NINF
     # The server's top-K scores: renormalised entropy, the chosen entry's reported log-probability.
-    entropy, logprob = _topk_score(np.array([-0.2, -2.0, NINF]), 1)
+    entropy, logprob = topk_score(np.array([-0.2, -2.0, NINF]), 1)
     assert entropy == pytest.approx(topk_entropy_from_logprobs(np.array([-0.2, -2.0]))) and logprob == -2.0
 
 

@@ -26,9 +26,8 @@ from typer.testing import CliRunner
 from conftest import FAKE_PROMPT, GSM8K_QUESTIONS, fake_router
 from glimp_cli.backends.base import ContextFull, StepStop, StepScanner, Written
 from glimp_cli.backends.fake import ScriptedStep as S
-from glimp_cli.backends.openai_http import (
-    RUNNING_FORM, TEXT_END_FORM, Endpoint, OpenAIBackend, connect, reachability,
-)
+from glimp_cli.backends.http_transport import Endpoint
+from glimp_cli.backends.openai_http import RUNNING_FORM, TEXT_END_FORM, OpenAIBackend, connect, reachability
 from glimp_cli.batch import ResultsFile, run_batch
 from glimp_cli.cli import app
 from glimp_cli.config import ModelSpec, PromptFormat
@@ -634,6 +633,17 @@ def test_text_sides_keep_prompt_plus_steps_plus_delimiters():
     assert data["estimator"] == "topk:2" and data["probe"] == RUNNING_FORM
     # What a server evaluated is not visible: no counts rather than made-up ones.
     assert trace.evaluated == {} and trace.context_tokens == {}
+
+
+def test_a_text_side_counts_the_step_a_trace_ends_on_in_characters():
+    # The answer ends the trace unsettled: `text` stays without it, and the side's count, in characters as
+    # everywhere on the text side, adds the step's characters (never its tokens) for what the server holds.
+    router, small, large = text_router(threshold(0.6))
+    steps = list(router.run("q?"))
+    answer = steps[-1]
+    assert answer.stop_reason == "answer" and answer.tokens != len(answer.text)
+    assert large.text == "Q: q?\nA:\nsmall one\n\nLARGE TWO\n\nsmall three\n\n"
+    assert router._sides["large"].context_len == len(large.text) + len(answer.text)
 
 
 def test_an_http_small_model_refuses_the_exact_estimator():

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import GSM8K_QUESTIONS
 from glimp_cli.policies import always_large, always_small, random_share, threshold
-from glimp_cli.router import TRACE_STOPS
+from glimp_cli.trace_end import TRACE_STOPS
 
 pytestmark = pytest.mark.real
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Literal, Protocol, Sequence
 
 import numpy as np
 
@@ -60,6 +60,7 @@ class Written:
 class Backend(Protocol):
     """One model with its own context (KV cache) that lives for a whole trace."""
 
+    context: Literal["tokens"]  # the router keeps this context in token ids (a TextBackend's: "text")
     name: str
     n_ctx: int
     n_vocab: int
@@ -108,7 +109,7 @@ class Backend(Protocol):
 
 
 class TextBackend(Protocol):
-    """A model behind a server that takes text prompts (`context = "text"`); token backends say "tokens".
+    """A model behind a server that takes text prompts (`context = "text"`).
 
     The router sets `prompt` per question and keeps `text` equal to prompt + steps, each followed by
     `delimiter` (a server refusing the bare prompt raises ContextLimitError), and sets `top_k`
@@ -119,7 +120,7 @@ class TextBackend(Protocol):
     delimiter (recorded in the trace).
     """
 
-    context: str
+    context: Literal["text"]
     name: str
     n_ctx: int
     chat_template: str | None
@@ -133,7 +134,7 @@ class TextBackend(Protocol):
     probe_form: str | None
 
     def next_logits(self) -> np.ndarray:
-        """Top-K log-probabilities of the next token after `text`."""
+        """Top-K log-probabilities of the next token after `text` (a new array each call)."""
 
     def write(self, first_token: int | None, stop: StepStop, sampling: Sampling,
               rng: np.random.Generator, on_text: TextSink | None = None,

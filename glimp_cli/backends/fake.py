@@ -88,6 +88,8 @@ def logits_with_entropy(h: float, top: int, n_vocab: int = N_VOCAB) -> np.ndarra
 class FakeBackend:
     """Writes its role's scripted text; counts evaluated tokens like a real backend."""
 
+    context = "tokens"
+
     def __init__(self, name: str, role: str, script: Sequence[ScriptedStep], n_ctx: int = 4096,
                  writes_merged: bool = False, delimiter: str = "\n\n"):
         self.name = name

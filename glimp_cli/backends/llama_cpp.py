@@ -55,6 +55,8 @@ def memory_kind(llama_cpp, model) -> str | None:
 class LlamaCppBackend:
     """A GGUF model in this process; `extend` evaluates only new tokens, `rewind` drops KV entries."""
 
+    context = "tokens"
+
     def __init__(self, spec: ModelSpec, gguf: Path):
         try:
             import llama_cpp

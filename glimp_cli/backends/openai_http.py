@@ -1,9 +1,8 @@
 """HTTP backend: a model behind an OpenAI-compatible completions server (llama.cpp server, vLLM, SGLang).
 
-Every HTTP call glimp makes lives in this module: httpx for the requests (its timeouts are "no byte
-for this long", as `timeout` promises) and httpx-sse for the event streams (an event's `data:` may
-span several lines). Retries with backoff on connection errors, timeouts and 5xx are glimp's own:
-httpx retries only failed connects, and every failure here must become one line naming model and URL.
+What it asks the server and what the answers mean live here; the requests themselves (retries,
+timeouts, one-line errors) go through `http_transport.Endpoint`, and the two formats servers report
+log-probabilities in are read by `logprobs.py`.
 
 The server takes text, not tokens, so this backend is text-level (`context = "text"`): the router
 keeps `text` equal to prompt + steps + delimiters, `next_logits` probes the next token after it,
@@ -29,27 +28,21 @@ and `write` continues it. What that costs compared with the in-process backend:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import socket
-import time
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Iterator
 
-import httpx
 import numpy as np
-from httpx_sse import EventSource, SSEError
 
 from glimp_cli.backends.base import ContextFull, StepStop, StepScanner, TextSink, Written
+from glimp_cli.backends.http_transport import EmptyStream, Endpoint
+from glimp_cli.backends.logprobs import Position, parse_logprobs, position_entropy, topk_score
 from glimp_cli.config import ModelSpec
-from glimp_cli.entropy import entropy_and_logprob, topk_entropy_from_logprobs
 from glimp_cli.errors import BackendError, ConfigError, ContextLimitError
 from glimp_cli.sampling import Sampling
 
-BACKOFF_SECONDS = 0.5  # first retry delay; doubles per attempt
-BACKOFF_CAP = 8.0
 REACHABILITY_TIMEOUT = 2.0  # `glimp models`: one quick GET per remote model
 FORCE_BIAS = 100.0  # logit_bias that makes a held-back delimiter token the only choice
 # Sampling settings that llama.cpp's server (and vLLM) would otherwise apply by default
@@ -64,199 +57,12 @@ RUNNING_FORM = "server top-k, delimiter in running form"
 TEXT_END_FORM = "server top-k, delimiter in text-end form"
 
 
-class _Transient(Exception):
-    """A failure worth retrying: no connection, a timeout, a 5xx."""
-
-
 @dataclass(frozen=True)
 class Candidate:
     """One entry of a probe's top-K: the token's text and its log-probability."""
 
     text: str
     logprob: float
-
-
-class Endpoint:
-    """Requests to one OpenAI-compatible server: auth, timeout, retries with backoff, one-line errors."""
-
-    def __init__(self, label: str, base_url: str, api_key: str | None = None, timeout: float = 60.0,
-                 max_retries: int = 2, backoff: float = BACKOFF_SECONDS, client: httpx.Client | None = None):
-        self.label = label  # names the model in every error
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
-        self.timeout = timeout
-        self.max_retries = max(0, max_retries)
-        self.backoff = backoff
-        self._client = client
-
-    @property
-    def client(self) -> httpx.Client:
-        """One connection pool per endpoint, made on first use (so constructing an Endpoint is free)."""
-        if self._client is None:
-            self._client = httpx.Client()
-        return self._client
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-    def url(self, path: str) -> str:
-        return self.base_url + path
-
-    def fail(self, url: str, what: str) -> BackendError:
-        return BackendError(f"{self.label} at {url}: {what}")
-
-    def get_json(self, path: str, timeout: float | None = None, retries: int | None = None) -> dict:
-        return self._call("GET", path, None, timeout, retries)
-
-    def post_json(self, path: str, body: dict, retries: int | None = None) -> dict:
-        return self._call("POST", path, body, None, retries)
-
-    def post_stream(self, path: str, body: dict) -> Iterator[dict]:
-        """The server-sent events of a streamed completion, one JSON object each.
-
-        Retries only until the response starts; a stream that breaks later is one error.
-        Closing the generator closes the connection, which makes the server stop generating.
-        """
-        url = self.url(path)
-        response = self._retrying(url, lambda: self._send("POST", url, {**body, "stream": True}, self.timeout))
-        events = 0
-        try:
-            try:
-                for sse in EventSource(response).iter_sse():
-                    if not sse.data:
-                        continue  # an event with no data (a keep-alive)
-                    if sse.data.strip() == "[DONE]":
-                        return
-                    event = self._decode(url, sse.data)
-                    if "error" in event:
-                        raise self.fail(url, f"server error: {_error_message(event)}")
-                    events += 1
-                    yield event
-            except SSEError:
-                # Not an event stream: a JSON body (an error object), or nothing at all.
-                raw = response.read().decode("utf-8", errors="replace")
-                if raw.strip():
-                    data = self._decode(url, raw)
-                    raise self.fail(url, f"server error: {_error_message(data)}" if "error" in data
-                                    else "the server answered a streamed request without an event stream")
-        except httpx.TimeoutException:
-            raise self.fail(url, f"no data for {self.timeout:g} s (timeout) in the middle of a stream") from None
-        except httpx.TransportError as exc:
-            raise self.fail(url, f"the stream broke: {_reason(exc)}") from None
-        finally:
-            response.close()
-        if not events:
-            raise _EmptyStream()
-        raise self.fail(url, "the stream ended without [DONE]")
-
-    def _call(self, method: str, path: str, body: dict | None, timeout: float | None, retries: int | None) -> dict:
-        url = self.url(path)
-        seconds = timeout or self.timeout
-
-        def attempt() -> dict:
-            response = self._send(method, url, body, seconds)
-            try:
-                raw = response.read()
-            except httpx.TimeoutException:
-                raise _Transient(f"no answer within {seconds:g} s (timeout)") from None
-            except httpx.TransportError as exc:
-                raise _Transient(_reason(exc)) from None
-            finally:
-                response.close()
-            return self._decode(url, raw.decode("utf-8", errors="replace"))
-
-        return self._retrying(url, attempt, retries)
-
-    def _retrying(self, url: str, attempt, retries: int | None = None):
-        tries = 1 + (self.max_retries if retries is None else retries)
-        for i in range(tries):
-            try:
-                return attempt()
-            except _Transient as exc:
-                if i + 1 == tries:
-                    raise self.fail(url, f"{exc} ({tries} attempt{'s' if tries > 1 else ''})") from None
-                time.sleep(min(self.backoff * 2 ** i, BACKOFF_CAP))
-
-    def _send(self, method: str, url: str, body: dict | None, timeout: float) -> httpx.Response:
-        """Send a request and return its response once the headers are in (the body is read by the caller)."""
-        headers = {"Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        try:
-            request = self.client.build_request(method, url, json=body, headers=headers, timeout=timeout)
-            response = self.client.send(request, stream=True)
-        except httpx.TimeoutException:
-            raise _Transient(f"no answer within {timeout:g} s (timeout)") from None
-        except httpx.TransportError as exc:
-            raise _Transient(_reason(exc)) from None
-        if response.status_code < 400:
-            return response
-        try:
-            raw = response.read().decode("utf-8", errors="replace")
-        except httpx.HTTPError:
-            raw = ""
-        finally:
-            response.close()
-        detail = _http_detail(raw, response.reason_phrase)
-        code = response.status_code
-        if code >= 500:
-            raise _Transient(f"HTTP {code}: {detail}")
-        if code == 400 and "context" in detail.lower() and "length" in detail.lower():
-            raise ContextFull(f"{self.label}: {detail}")
-        raise self.fail(url, f"HTTP {code}: {detail}")
-
-    def _decode(self, url: str, text: str) -> dict:
-        try:
-            data = json.loads(text)
-        except ValueError:
-            snippet = " ".join(text.split())[:80]
-            raise self.fail(url, f"malformed JSON in the response: {snippet!r}") from None
-        if not isinstance(data, dict):
-            raise self.fail(url, f"expected a JSON object, got {type(data).__name__}")
-        return data
-
-
-class _EmptyStream(Exception):
-    """A stream that closed before its first event (llama.cpp's server does this for a too-long prompt)."""
-
-
-def _reason(exc: BaseException) -> str:
-    """What went wrong with a connection, from the OS error under httpx's exception when there is one."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused (is the server running?)"
-        if isinstance(cause, socket.gaierror):
-            return f"cannot resolve the host ({cause.strerror or cause})"
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return f"the server closed the connection ({exc})"
-    if isinstance(exc, httpx.TimeoutException):
-        return "timeout"
-    return str(exc) or type(exc).__name__
-
-
-def _http_detail(raw: str, reason: str) -> str:
-    try:
-        message = _error_message(json.loads(raw))
-    except ValueError:
-        message = " ".join(raw.split())[:200]
-    return message or reason or "no details"
-
-
-def _error_message(data: object) -> str:
-    """The human part of an OpenAI-style ({"error": {"message"}}) or FastAPI ({"detail"}) error body."""
-    if isinstance(data, dict):
-        err = data.get("error", data.get("detail", data.get("message")))
-        if isinstance(err, dict):
-            err = err.get("message", err)
-        if isinstance(err, list) and err and isinstance(err[0], dict):
-            err = err[0].get("msg", err[0])
-        if err is not None:
-            return " ".join(str(err).split())[:300]
-    return " ".join(str(data).split())[:300]
 
 
 def api_key(spec: ModelSpec) -> str | None:
@@ -394,7 +200,7 @@ class OpenAIBackend:
         finish = None
         for event in self._stream(body):
             finish = _choice(event).get("finish_reason") or finish
-            positions += _positions(_choice(event).get("logprobs"))
+            positions += parse_logprobs(_choice(event).get("logprobs"))
         if finish is None:
             raise self.endpoint.fail(self.endpoint.url("/completions"), INTERRUPTED)
         if len(positions) < len(forced) + 1:
@@ -485,7 +291,7 @@ class OpenAIBackend:
             prefix = self._candidates[first_token].text
             n = 1
             if scored:
-                entropy, logprob = _topk_score(first_logits, first_token)
+                entropy, logprob = topk_score(first_logits, first_token)
                 entropies.append(entropy)
                 logprobs.append(logprob)
             ended = scanner.feed(prefix.encode("utf-8"))
@@ -530,10 +336,10 @@ class OpenAIBackend:
                 choice = _choice(event)
                 finish = choice.get("finish_reason") or finish
                 piece = choice.get("text") or ""
-                positions = _positions(choice.get("logprobs")) if scored else []
+                positions = parse_logprobs(choice.get("logprobs")) if scored else []
                 if positions:
                     for position in positions:
-                        entropies.append(_topk_entropy(position.top, self.top_k))
+                        entropies.append(position_entropy(position.top, self.top_k))
                         logprobs.append(position.logprob)
                         generated += 1
                 elif choice.get("finish_reason") is None or piece:
@@ -570,14 +376,14 @@ class OpenAIBackend:
             first = next(events)
         except StopIteration:
             return iter(())
-        except _EmptyStream:
+        except EmptyStream:
             # llama.cpp's server closes a stream without a word when the prompt does not fit; ask
-            # once without streaming (one token) to get its error, which _open turns into ContextFull.
+            # once without streaming (one token) to get its error, which the endpoint turns into ContextFull.
             self.endpoint.post_json("/completions", {**body, "max_tokens": 1, "logprobs": None, "stream": False})
             raise self.endpoint.fail(self.endpoint.url("/completions"), "the stream closed before its first event")
 
         def chain() -> Iterator[dict]:
-            # No _EmptyStream can come from here: post_stream raises it only when it yielded nothing.
+            # No EmptyStream can come from here: post_stream raises it only when it yielded nothing.
             try:
                 yield first
                 yield from events
@@ -596,64 +402,6 @@ def _choice(event: dict) -> dict:
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         return choices[0]
     return {}
-
-
-@dataclass(frozen=True)
-class Position:
-    """One generated token's log-probabilities as a server reported them."""
-
-    text: str
-    logprob: float  # the generated token's (NaN when the server gave none)
-    top: list[tuple[str, float]]  # (token text, logprob) of the top-K; a masked token is -inf
-
-
-def _logprob(value) -> float:
-    """A server's log-probability; null is a token it gave no number for (masked, like a -inf logit)."""
-    return -math.inf if value is None else float(value)
-
-
-def _chosen(value) -> float:
-    """The generated token's own log-probability; NaN when the server gave none."""
-    return math.nan if value is None else float(value)
-
-
-def _positions(logprobs: object) -> list[Position]:
-    """The positions of one event's `logprobs`, in either format servers use for completions.
-
-    The legacy OpenAI one (llama-cpp-python's server, vLLM): parallel `tokens` / `token_logprobs` /
-    `top_logprobs` (a dict keyed by token text, so tokens with equal text collapse into one entry).
-    The chat-style one (llama.cpp's `llama-server`): `content`, a list of {token, logprob, top_logprobs:
-    [{token, logprob}]}, which keeps tokens with equal text apart.
-    """
-    if not isinstance(logprobs, dict):
-        return []
-    content = logprobs.get("content")
-    if isinstance(content, list):
-        return [Position(str(c.get("token", "")), _chosen(c.get("logprob")),
-                         [(str(t.get("token", "")), _logprob(t.get("logprob"))) for t in c.get("top_logprobs") or []
-                          if isinstance(t, dict)])
-                for c in content if isinstance(c, dict)]
-    tops = logprobs.get("top_logprobs")
-    if not tops:
-        return []
-    texts = logprobs.get("tokens") or []
-    chosen = logprobs.get("token_logprobs") or []
-    return [Position(str(texts[i]) if i < len(texts) else "",
-                     _chosen(chosen[i] if i < len(chosen) else None),
-                     [(str(k), _logprob(v)) for k, v in (top or {}).items()])
-            for i, top in enumerate(tops)]
-
-
-def _topk_entropy(top: list[tuple[str, float]], k: int) -> float:
-    """Renormalised entropy (nats) of the K best entries of one position's top log-probabilities."""
-    values = np.array([lp for _, lp in top], dtype=np.float64)
-    return topk_entropy_from_logprobs(np.sort(values)[::-1][:k])
-
-
-def _topk_score(logprobs: np.ndarray, position: int) -> tuple[float, float]:
-    """Renormalised top-K entropy and the chosen entry's log-probability as the server reported it (nats)."""
-    entropy, _ = entropy_and_logprob(logprobs)
-    return entropy, float(logprobs[position])
 
 
 def connect(spec: ModelSpec, config_dir=None) -> OpenAIBackend:
