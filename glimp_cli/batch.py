@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
 from glimp_cli import __version__
-from glimp_cli.config import PairSpec, Registry
+from glimp_cli.config import CONVERSATION_KEYS, PairSpec, Registry
 from glimp_cli.errors import ContextLimitError, InputError, UsageError
 from glimp_cli.grading import extract_answer, grade
 from glimp_cli.policies import LARGE, MODES, SMALL
@@ -92,7 +92,9 @@ def model_details(registry: Registry, name: str) -> dict:
         origin = registry.origin.get(f"models.{name}")
         path = resolve(spec, origin.parent if origin else None)
         weights = {"path": str(path), "size": path.stat().st_size}
-    return {"file": weights, "prompt": dataclasses.asdict(spec.prompt), "stop": list(spec.stop),
+    # A conversation's places in a plain template never shape a batch's single-question prompts.
+    prompt = {k: v for k, v in dataclasses.asdict(spec.prompt).items() if k not in CONVERSATION_KEYS}
+    return {"file": weights, "prompt": prompt, "stop": list(spec.stop),
             "n_ctx": spec.n_ctx}
 
 

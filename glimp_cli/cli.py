@@ -545,6 +545,7 @@ def serve(
     max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", help="Largest request body accepted (413 past it)."),
     cors_origin: Optional[list[str]] = typer.Option(
         None, "--cors-origin", metavar="ORIGIN", help="Let pages from ORIGIN (scheme://host[:port], or * for any) call the API from a browser; repeat or separate with commas (default: none)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No access-log line per request (method, path, status, seconds, model, tokens) on stderr."),
     small: Optional[str] = SmallOpt,
     large: Optional[str] = LargeOpt,
     tau: Optional[float] = TauOpt,
@@ -580,7 +581,8 @@ def serve(
             registry, spec = _resolve(ctx, config, name, values, verbose)
             specs.append(spec)
         stopped = run_server(ServeOptions(registry, specs, host, port, workers, queue, api_key_env, max_body_bytes,
-                                          tuple(cors_origin or ()), log=lambda line: err.print(line, markup=False)))
+                                          tuple(cors_origin or ()), quiet=quiet,
+                                          log=lambda line: err.print(line, markup=False)))
         err.print(f"glimp serve: stopped ({stopped})", markup=False)
 
 

@@ -60,6 +60,11 @@ class PromptFormat:
 
     `chat` renders the GGUF's chat template (system + user turn, then `prefill` inside the
     assistant turn, e.g. "<think>\\n" for reasoning models); `plain` fills `template`.
+
+    A conversation (`glimp serve`) goes through the chat template whole. A plain template holds one
+    only with `turn`, an earlier exchange as written at `{question}` (with `{question}` and `{answer}`,
+    ending where the next question begins), and `system_turn`, a client's system text (`{system}`)
+    as written before the template; without them it holds a single question.
     """
 
     style: str = "chat"
@@ -69,6 +74,12 @@ class PromptFormat:
     prefill: str = ""
     answer_marker: str | None = None
     answer_until_eos: bool = False
+    turn: str | None = None
+    system_turn: str | None = None
+
+
+# PromptFormat fields that shape only a conversation's prompt, never a single question's.
+CONVERSATION_KEYS = ("turn", "system_turn")
 
 
 @dataclass(frozen=True)
@@ -299,6 +310,7 @@ def _model(name: str, raw: Any, prompts: dict, path: Path) -> ModelSpec:
         raise ConfigError(f"{path}: {prompt_where}.style: {spec.prompt.style!r} is not 'chat' or 'plain'")
     if spec.prompt.style == "plain" and "{question}" not in (spec.prompt.template or ""):
         raise ConfigError(f"{path}: {prompt_where}.template: a plain prompt needs a template with {{question}}")
+    _check_conversation_keys(spec.prompt, path, prompt_where)
     if spec.backend == "llama_cpp":
         _check_source(spec.source, path, where)
     elif spec.backend == "openai":
@@ -307,6 +319,20 @@ def _model(name: str, raw: Any, prompts: dict, path: Path) -> ModelSpec:
         if getattr(spec, key) < 1:
             raise ConfigError(f"{path}: {where}.{key}: must be a positive integer")
     return spec
+
+
+def _check_conversation_keys(prompt: PromptFormat, path: Path, where: str) -> None:
+    """`turn` and `system_turn` belong to plain prompts and name the places they fill."""
+    for key, places in (("turn", ("{question}", "{answer}")), ("system_turn", ("{system}",))):
+        value = getattr(prompt, key)
+        if value is None:
+            continue
+        if prompt.style != "plain":
+            raise ConfigError(f"{path}: {where}.{key}: only a plain prompt has {key} (a chat template writes "
+                              "the conversation itself)")
+        missing = [p for p in places if p not in value]
+        if missing:
+            raise ConfigError(f"{path}: {where}.{key}: needs {' and '.join(missing)}")
 
 
 def _check_remote(spec: ModelSpec, path: Path, where: str, prompt_where: str) -> None:

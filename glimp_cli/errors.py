@@ -35,3 +35,7 @@ class InputError(GlimpError):
 
 class BackendError(GlimpError):
     """A serving engine failed (down, wrong URL, timeout, HTTP error)."""
+
+
+class ConversationError(GlimpError):
+    """A conversation cannot be written in a model's prompt format (the message says why)."""

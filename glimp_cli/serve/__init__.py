@@ -30,6 +30,7 @@ class ServeOptions:
     api_key_env: str | None = None
     max_body_bytes: int = 1_000_000
     cors_origins: tuple[str, ...] = ()  # as given: each may hold several, separated by commas
+    quiet: bool = False  # no access-log line per request
     stop_seconds: float = STOP_SECONDS
     log: Callable[[str], None] = print
 
@@ -37,6 +38,7 @@ class ServeOptions:
 def serve(options: ServeOptions) -> str:
     """Run the server until a signal stops it; returns how it stopped."""
     try:
+        import prometheus_client  # noqa: F401
         import sse_starlette  # noqa: F401
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401

@@ -10,6 +10,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Callable
 
 import anyio
 from sse_starlette.sse import EventSourceResponse
@@ -21,6 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from glimp_cli.serve.metrics import RequestRecorder, ServeMetrics
 from glimp_cli.serve.protocol import ApiError, CompletionRequest, ServedPair, chunk_body, completion_body, parse_request
 from glimp_cli.serve.workers import DISCONNECTED, Job, WorkerPool
 
@@ -40,6 +42,7 @@ class ServerState:
     max_body_bytes: int
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API from a browser ("*": any)
     created: int = field(default_factory=lambda: int(time.time()))
+    access_log: Callable[[str], None] | None = None  # one line per request; None: none (--quiet)
 
     def begin_shutdown(self) -> None:
         for pool in self.pools.values():
@@ -81,9 +84,16 @@ def build_app(state: ServerState) -> Starlette:
     async def text(request: Request) -> Response:
         return await complete(request, "text", state)
 
+    metrics = ServeMetrics(state.pools)
+
+    async def metrics_page(request: Request) -> Response:
+        authorize(request, state)  # like llama-server: with a key, the scraper sends it too
+        return metrics.response(request)
+
     routes = [
         Route("/", index, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_page, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
@@ -92,11 +102,12 @@ def build_app(state: ServerState) -> Starlette:
     handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error}
     middleware = [Middleware(CORSMiddleware, allow_origins=list(state.cors_origins), allow_methods=["GET", "POST"],
                              allow_headers=["*"], expose_headers=["Retry-After"])] if state.cors_origins else []
-    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
+    recorder = Middleware(RequestRecorder, metrics=metrics, routes=routes, log=state.access_log)  # outermost: sees all
+    return Starlette(routes=routes, middleware=[recorder, *middleware], exception_handlers=handlers)
 
 
 def authorize(request: Request, state: ServerState) -> None:
-    """With --api-key-env, every /v1 route needs `Authorization: Bearer KEY`."""
+    """With --api-key-env, every /v1 route and /metrics need `Authorization: Bearer KEY`."""
     if state.api_key is None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
@@ -158,6 +169,7 @@ async def complete(request: Request, kind: str, state: ServerState) -> Response:
     pool = state.pools[parsed.pair.name]
     # A prompt too long for a model is refused before it takes a place in the queue; tokenizing is off the loop.
     job = Job(await anyio.to_thread.run_sync(pool.fit, parsed), asyncio.get_running_loop())
+    request.state.job = job  # for the access log and /metrics
     pool.submit(job)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:

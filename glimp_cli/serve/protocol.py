@@ -1,12 +1,12 @@
 """The OpenAI wire format: request bodies checked into a `CompletionRequest`, responses and chunks built.
 
-How a request becomes a trace: glimp routes one question per request. Each model of the pair wraps
-the question in its own prompt format (a chat template with the prompt's system turn, or a plain
-few-shot template) and the trace goes where that format puts the answer (the assistant turn). So a
-chat conversation must be exactly one user message, whose text is the question; the completions
-endpoint takes the question as `prompt`. System messages, earlier turns, tools and images cannot be
-expressed in those formats and are refused with a 400 that says so. The response content is the
-whole trace: every step's text joined by the pair's delimiter.
+How a request becomes a trace: glimp routes one assistant turn per request. A chat's messages become
+a `Conversation` (system and developer texts, then alternating user and assistant turns ending with the
+user turn to answer); each model of the pair writes the whole conversation in its own prompt format
+(its chat template, or a plain template's `turn` and `system_turn`) and the trace is the new assistant
+turn. A single user message stays a plain question, as the completions endpoint's `prompt` is. Tool
+calls, tool messages and non-text parts cannot be written in those formats and are refused with a 400
+that says so. The response content is the whole trace: every step's text joined by the pair's delimiter.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from glimp_cli.config import PairSpec, PromptFormat, check_pair_values
+from glimp_cli.engine import pair_policy
 from glimp_cli.errors import ConfigError
 from glimp_cli.policies import MODES
+from glimp_cli.prompts import Conversation, Turn, conversation_refusal
 
 MODEL_PREFIX = "glimp/"
 MAX_STOP_STRINGS = 4
@@ -78,14 +80,6 @@ class ServedPair:
         base = MODEL_PREFIX + self.spec.name
         return [base] + [f"{base}:{mode}" for mode in self.mode_ids]
 
-    def describe_formats(self) -> str:
-        parts = []
-        for name, fmt in self.formats.items():
-            what = "its chat template" + (" with the prompt's own system turn" if fmt.system else "") \
-                if fmt.style == "chat" else "a plain template"
-            parts.append(f"{name}: {what}")
-        return "; ".join(parts)
-
 
 @dataclass(frozen=True)
 class CompletionRequest:
@@ -94,7 +88,7 @@ class CompletionRequest:
     kind: str  # "chat" | "text"
     model: str  # the model id as the client sent it
     pair: PairSpec
-    question: str
+    question: str  # the question, or a Conversation (a str whose last user turn is the question)
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
@@ -115,7 +109,7 @@ def parse_request(kind: str, body: Any, pairs: dict[str, ServedPair]) -> Complet
             raise ApiError(400, f"{key} is not supported by glimp (leave it out)", param=key,
                            code="unsupported_parameter")
     served, mode = resolve_model(body.get("model"), pairs)
-    question = chat_question(body.get("messages"), served) if kind == "chat" else text_question(body.get("prompt"))
+    question = chat_question(body.get("messages")) if kind == "chat" else text_question(body.get("prompt"))
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):
         raise ApiError(400, f"n must be 1: glimp writes one trace per request (got {n!r})", param="n")
@@ -136,6 +130,8 @@ def parse_request(kind: str, body: Any, pairs: dict[str, ServedPair]) -> Complet
     except ConfigError as exc:
         key = str(exc).split(":", 1)[0]
         raise ApiError(400, str(exc), param=key) from None
+    if isinstance(question, Conversation):
+        check_formats(question, served, pair)
     return CompletionRequest(kind, body["model"], pair, question, _stop(body.get("stop")), bool(stream),
                              bool((options or {}).get("include_usage")))
 
@@ -157,23 +153,65 @@ def resolve_model(model: Any, pairs: dict[str, ServedPair]) -> tuple[ServedPair,
     return served, mode or None
 
 
-def chat_question(messages: Any, served: ServedPair) -> str:
-    """The question of a chat conversation: its one user message's text."""
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+def chat_question(messages: Any) -> str | Conversation:
+    """The question of a chat: one user message's text, or the whole conversation.
+
+    System and developer messages, wherever they stand, make the client's system text (in order, a
+    blank line between); consecutive messages of one role are joined by a blank line.
+    """
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of messages", param="messages")
+    system: list[str] = []
+    turns: list[Turn] = []
     for i, message in enumerate(messages):
+        where = f"messages[{i}]"
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ApiError(400, f"messages[{i}] must be an object with a role", param=f"messages[{i}]")
-    roles = [m["role"] for m in messages]
-    why = (f"pair {served.spec.name!r} puts the question into each model's own prompt format "
-           f"({served.describe_formats()}), which holds one user question and the trace as the answer")
-    if any(r in ("system", "developer") for r in roles):
-        raise ApiError(400, f"a {'system' if 'system' in roles else 'developer'} message cannot be expressed: {why}; "
-                            "send the question as one user message", param="messages")
-    if roles != ["user"]:
-        raise ApiError(400, f"a conversation of {len(roles)} messages ({', '.join(roles)}) cannot be expressed: {why}; "
-                            "send exactly one user message", param="messages")
-    return _nonempty(_text_content(messages[0].get("content"), "messages[0].content"), "messages[0].content")
+            raise ApiError(400, f"{where} must be an object with a role", param=where)
+        role = message["role"]
+        if role in ("tool", "function") or message.get("tool_calls") or message.get("function_call"):
+            what = f"a {role} message" if role in ("tool", "function") else "a tool call"
+            raise ApiError(400, f"{where}: {what} cannot be rendered: glimp serve takes no tools, and the pair's "
+                                "prompt formats have no tool turns", param=where)
+        if role not in CHAT_ROLES:
+            raise ApiError(400, f"{where}.role must be one of {', '.join(CHAT_ROLES)} (got {role!r})",
+                           param=f"{where}.role")
+        text = _text_content(message.get("content"), f"{where}.content")
+        if role in ("system", "developer"):
+            if text.strip():
+                system.append(text)
+        elif turns and turns[-1].role == role:
+            turns[-1] = Turn(role, turns[-1].content + "\n\n" + text)
+        else:
+            turns.append(Turn(role, text))
+    last = f"messages[{len(messages) - 1}]"
+    if not turns or turns[-1].role != "user":
+        got = messages[-1]["role"]
+        raise ApiError(400, f"the last message must be a user message: glimp writes the next assistant turn "
+                            f"(the conversation ends with a {got} message)", param=last)
+    _nonempty(turns[-1].content, f"{last}.content")
+    if not system and len(turns) == 1:
+        return turns[0].content  # one question, exactly as `glimp ask` puts it
+    return Conversation("\n\n".join(system), turns)
+
+
+def check_formats(conversation: Conversation, served: ServedPair, pair: PairSpec) -> None:
+    """A 400 when a plain prompt format of a model the mode uses cannot hold the conversation.
+
+    (A chat template is asked when the prompt is rendered, before the request is queued.)
+    """
+    used = pair_policy(pair).models
+    for role in ("small", "large"):
+        name = getattr(pair, role)
+        if role not in used or name not in served.formats:
+            continue
+        why = conversation_refusal(served.formats[name], conversation)
+        if why:
+            raise ApiError(400, f"this conversation cannot be rendered for the {role} model {name!r}: {why}; "
+                                "send one user message, or give its prompt format a turn and system_turn in "
+                                "models.yaml", param="messages")
 
 
 def text_question(prompt: Any) -> str:
@@ -194,10 +232,11 @@ def _text_content(content: Any, where: str) -> str:
         return content
     if isinstance(content, list):
         texts = []
-        for part in content:
+        for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ApiError(400, f"{where}: only text parts can be expressed (got {kind!r})", param=where)
+                raise ApiError(400, f"{where}[{j}]: a {kind!r} part cannot be rendered: the pair's models read "
+                                    "text only, so only text parts are accepted", param=where)
             texts.append(part["text"])
         return "\n".join(texts)
     raise ApiError(400, f"{where} must be a string or a list of text parts", param=where)

@@ -83,7 +83,8 @@ def run(options: ServeOptions) -> str:
                     engine.close()
                 raise
             pools[pair.name] = WorkerPool(pair.name, engines, options.queue_size)
-        state = ServerState(served, pools, api_key, options.max_body_bytes, cors_origins)
+        state = ServerState(served, pools, api_key, options.max_body_bytes, cors_origins,
+                            access_log=None if options.quiet else options.log)
         config = uvicorn.Config(build_app(state), log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=int(SHUTDOWN_GRACE_SECONDS) + 5)
         server = _Server(config, state, options.stop_seconds)

@@ -18,9 +18,9 @@ from typing import Callable
 
 from glimp_cli import __version__
 from glimp_cli.engine import Engine, pair_policy
-from glimp_cli.errors import ContextLimitError, GlimpError
+from glimp_cli.errors import ContextLimitError, ConversationError, GlimpError
 from glimp_cli.grading import extract_answer
-from glimp_cli.prompts import render_prompt
+from glimp_cli.prompts import Conversation, render_prompt
 from glimp_cli.serve.protocol import ApiError, CompletionRequest, finish_reason
 from glimp_cli.serve.stream import Aborted, TraceStream
 
@@ -37,6 +37,7 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancel_reason: str | None = None
+        self.final: tuple | None = None  # the first "done" or "error" event, read by the access log and /metrics
         prefix = "chatcmpl" if request.kind == "chat" else "cmpl"
         self.ident = f"{prefix}-{uuid.uuid4().hex}"
 
@@ -47,6 +48,8 @@ class Job:
 
     def put(self, event: tuple) -> None:
         """Hand an event to the request's handler; called from the worker thread."""
+        if self.final is None and event[0] in ("done", "error"):
+            self.final = event
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:
@@ -246,13 +249,17 @@ def fit_context(engine: Engine, request: CompletionRequest) -> CompletionRequest
             room = min(room, backend.n_ctx)
             continue
         name = getattr(pair, role)
-        text = render_prompt(engine.registry.model(name).prompt, request.question, backend.chat_template,
-                             backend.bos_token, backend.eos_token, backend.name)
+        try:
+            text = render_prompt(engine.registry.model(name).prompt, request.question, backend.chat_template,
+                                 backend.bos_token, backend.eos_token, backend.name)
+        except ConversationError as exc:
+            raise ApiError(400, f"this conversation cannot be rendered: {exc}", param="messages") from None
         bos = not (backend.bos_token and text.startswith(backend.bos_token))  # as the router tokenizes it
         n = len(backend.tokenize(text, special=True, bos=bos))
         if n >= backend.n_ctx:
+            what = "conversation" if isinstance(request.question, Conversation) else "question"
             raise ApiError(400, f"the prompt is {n} tokens but model {name!r} has a context of {backend.n_ctx} "
-                                "tokens: shorten the question", param=_question_param(request),
+                                f"tokens: shorten the {what}", param=_question_param(request),
                            code="context_length_exceeded")
         lengths[role] = n
         room = min(room, backend.n_ctx - n)
@@ -283,8 +290,9 @@ def trace_result(request: CompletionRequest, trace, policy, content: str, stoppe
                   timing=policy.timing, version=__version__, prompt_tokens=prompts,
                   large_share=record["summary"]["large_share_steps"])
     completion = sum(step.tokens for step in trace.steps)
-    usage = {"prompt_tokens": sum(prompts.values()), "completion_tokens": completion,
-             "total_tokens": sum(prompts.values()) + completion}
+    # Billed: the prompt of each model that read it (the trace started it), not of a model that never ran.
+    prompt = sum(n for role, n in prompts.items() if role in trace.context_tokens)
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
     return {"content": content, "finish_reason": "stop" if stopped else finish_reason(trace.stop_reason),
             "usage": usage, "glimp": record}
 
