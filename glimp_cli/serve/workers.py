@@ -244,7 +244,7 @@ def fit_context(engine: Engine, request: CompletionRequest) -> CompletionRequest
         backend = engine.backends.get(role)
         if role not in roles or backend is None:
             continue
-        if getattr(backend, "context", "tokens") == "text":
+        if backend.context == "text":
             # A server-side model's tokenizer is not at hand: its server refuses a prompt that does not fit.
             room = min(room, backend.n_ctx)
             continue
@@ -272,7 +272,7 @@ def written_tokens(engine: Engine, trace, role: str, pieces: int) -> int:
     A server-side model's tokens are not visible: there, the text pieces it streamed (at most its tokens).
     """
     backend = engine.backends[role]
-    if getattr(backend, "context", "tokens") == "text":
+    if backend.context == "text":
         return pieces
     return len(backend.tokens) - trace.context_tokens[role]
 
