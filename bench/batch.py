@@ -16,8 +16,9 @@ from rich.console import Console
 
 from glimp_cli.report import load_results, render_table, summarize
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO / "data" / "gsm8k" / "test-1-1219.jsonl"  # GSM8K test rows 1-1219: no calibration row
+from common import DEFAULT_DATA, progress_for
+
+progress = progress_for("bench/batch.py")
 
 
 def run_batch(data: Path, out: Path, questions: int, max_tokens: int, pair: str) -> None:
@@ -37,8 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "results.jsonl"
-        print(f"bench/batch.py: glimp batch --mode all --pair {args.pair} on {args.questions} questions from {args.data}",
-              file=sys.stderr, flush=True)
+        progress(f"glimp batch --mode all --pair {args.pair} on {args.questions} questions from {args.data}")
         run_batch(args.data, out, args.questions, args.max_tokens, args.pair)
         records, _ = load_results(out)
     rows = {row.mode: row for row in summarize(records)}

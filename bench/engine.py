@@ -11,7 +11,6 @@ import dataclasses
 import os
 import platform
 import statistics
-import sys
 from pathlib import Path
 from time import perf_counter
 
@@ -25,7 +24,10 @@ from glimp_cli.engine import Engine
 from glimp_cli.policies import LARGE, SMALL, always_large, threshold
 from glimp_cli.questions import load_questions
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "test-1-1219.jsonl"  # no calibration row
+from common import DEFAULT_DATA, progress_for
+
+progress = progress_for("bench/engine.py")
+
 DECODE_TOKENS = 128  # per model and per measurement: contexts of prompt .. prompt+128, like a trace's
 # Timings on a shared machine come with bursts (other jobs' threads take our cores): every timed run
 # is repeated and the fastest kept, and per-token costs are medians.
@@ -41,11 +43,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--pair", default="tiny", help="pair of models.yaml (default: tiny, the pair bench/README.md reports)")
     return p.parse_args()
-
-
-def progress(message: str) -> None:
-    """One progress line on stderr, so a run of minutes shows it is alive without touching the table."""
-    print(f"bench/engine.py: {message}", file=sys.stderr, flush=True)
 
 
 def measure_decode(backend, prompt: list[int], n: int = DECODE_TOKENS) -> list[float]:

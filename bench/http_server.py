@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,10 @@ from glimp_cli.prompts import render_prompt
 from glimp_cli.questions import load_questions
 from glimp_cli.router import ModelSlot, Router
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "test-1-1219.jsonl"  # no calibration row
+from common import DEFAULT_DATA, free_port, progress_for
+
+progress = progress_for("bench/http_server.py")
+
 K = 20
 REPEATS = 2  # timed traces are repeated and the fastest kept (bursts from other jobs on a shared machine)
 
@@ -56,18 +58,11 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def progress(message: str) -> None:
-    """One progress line on stderr, so a run of minutes shows it is alive without touching the table."""
-    print(f"bench/http_server.py: {message}", file=sys.stderr, flush=True)
-
-
 class Server:
     """`python -m llama_cpp.server` for one GGUF on a free 127.0.0.1 port."""
 
     def __init__(self, gguf: Path, alias: str, logits_all: bool, threads: int, log: Path, cache: bool = False):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.alias = alias
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,

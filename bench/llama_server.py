@@ -27,10 +27,10 @@ import llama_cpp
 from rich.console import Console
 from rich.table import Table
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from http_server import DEFAULT_DATA, K, plain_template, remote_spec, router  # noqa: E402
+from common import DEFAULT_DATA, REPO, progress_for  # noqa: E402
+from http_server import K, plain_template, remote_spec, router  # noqa: E402
 
 from glimp_cli.backends import load_backend  # noqa: E402
 from glimp_cli.backends.openai_http import connect  # noqa: E402
@@ -42,6 +42,8 @@ from glimp_cli.questions import load_questions  # noqa: E402
 _spec = importlib.util.spec_from_file_location("glimp_engines", REPO / "tools" / "engines.py")
 engines = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(engines)
+
+progress = progress_for("bench/llama_server.py")
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,10 +58,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="threads per server and per RPC worker")
     p.add_argument("--no-rpc", action="store_true", help="skip the RPC rows")
     return p.parse_args()
-
-
-def progress(message: str) -> None:
-    print(f"bench/llama_server.py: {message}", file=sys.stderr, flush=True)
 
 
 def batch_rate(make_router, questions, mode: str, concurrency: int) -> tuple[float, float]:

@@ -16,7 +16,6 @@ import argparse
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,8 +32,7 @@ from glimp_cli.config import apply_overrides, load_registry, packaged_config
 from glimp_cli.engine import Engine, pair_policy
 from glimp_cli.questions import load_questions
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO / "data" / "gsm8k" / "test-1-1219.jsonl"
+from common import DEFAULT_DATA, free_port
 
 
 def parse_args() -> argparse.Namespace:
@@ -105,9 +103,7 @@ def one_thread_config(pair_name: str, folder: Path) -> Path:
 
 
 def start_server(config: Path, pair: str, workers: int, args, log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GLIMP_")}
     proc = subprocess.Popen([sys.executable, "-m", "glimp_cli", "serve", "--config", str(config), "--pair", pair,
                              "--port", str(port), "--workers", str(workers), "--queue", str(workers),

@@ -46,20 +46,19 @@ from glimp_cli.grading import extract_answer, grade
 from glimp_cli.policies import LARGE, SMALL, Policy, always_small, threshold
 from glimp_cli.questions import Question, load_questions
 from glimp_cli.report import bootstrap, bootstrap_auroc, spearman
-from glimp_cli.router import MAX_SKIP_TOKENS, Step, _Side
+from glimp_cli.router import MAX_SKIP_TOKENS
+from glimp_cli.sides import TokenSide
+from glimp_cli.trace import Step
 from glimp_cli.signals import content_token, first_tokens_entropy, margin_doubt, perplexity, top1_doubt
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO / "data" / "gsm8k" / "test-1-1219.jsonl"
+from common import DEFAULT_DATA, REPO, progress_for
+
+progress = progress_for("bench/signals.py")
+
 DEFAULT_BASE = REPO / "bench" / "results" / "tradeoff-default" / "glimp-tau0.7131.jsonl"
 MARKER = r"\s*(\d+[.)]|[-*•])"  # the probe_skip pattern bench/tradeoff.py measured
 DISAGREE_TOKENS = 4  # "within the step's first tokens"
 DRAFT_KS = (2, 4)
-
-
-def progress(message: str) -> None:
-    """One progress line on stderr."""
-    print(f"bench/signals.py: {message}", file=sys.stderr, flush=True)
 
 
 # --- phase 1: small-alone traces -----------------------------------------------------------------
@@ -96,7 +95,7 @@ def record_small(engine: Engine, pair: PairSpec, questions: list[Question], path
 class Scorer:
     """One model with every position's logits kept, to replay a trace in one batch."""
 
-    def __init__(self, side: _Side, n_ctx: int, threads: int | None):
+    def __init__(self, side: TokenSide, n_ctx: int, threads: int | None):
         import llama_cpp
 
         self.side = side
@@ -127,7 +126,7 @@ class Scorer:
         self.llm.close()
 
 
-def marker_length(side: _Side, content: Sequence[int], pattern) -> int:
+def marker_length(side: TokenSide, content: Sequence[int], pattern) -> int:
     """Tokens of a leading `probe_skip` match, read token by token as the probe does (0: none)."""
     data = b""
     for n, token in enumerate(content[:MAX_SKIP_TOKENS], 1):

@@ -23,7 +23,8 @@ from rich.table import Table
 from glimp_cli.policies import LARGE, SMALL
 from glimp_cli.report import load_results
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO
+
 DEFAULT_MARKER = r"\s*(\d+[.)]|[-*•])\s"  # a numbered or bulleted list item
 KINDS = ("list item", "answer", "other")
 

@@ -7,14 +7,16 @@ import dataclasses
 import json
 import os
 import sys
-from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 
 from glimp_cli import __version__
+from glimp_cli.cli_options import (
+    ConfigOpt, PairOpt, PairOptions, ProbeOpt, VerboseOpt, pair_options, resolve_pair, with_pair_options,
+)
 from glimp_cli.errors import GlimpError
 
 DEBUG_ENV = "GLIMP_DEBUG"
@@ -26,16 +28,6 @@ app = typer.Typer(
     add_completion=False,
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-class Mode(str, Enum):
-    glimp = "glimp"
-    small = "small"
-    large = "large"
-    random = "random"
-    step_entropy = "step_entropy"
-    step_perplexity = "step_perplexity"
-    adaptive = "adaptive"
 
 
 @contextlib.contextmanager
@@ -50,90 +42,12 @@ def user_errors():
         raise typer.Exit(exc.exit_code) from None
 
 
-# Options shared by the commands that run a pair; each can also come from the environment.
-ConfigOpt = typer.Option(None, "--config", envvar="GLIMP_CONFIG", help="models.yaml layered over the packaged one.")
-PairOpt = typer.Option(None, "--pair", envvar="GLIMP_PAIR", help="Pair from models.yaml (default: its default_pair).")
-SmallOpt = typer.Option(None, "--small", envvar="GLIMP_SMALL", help="Small model (overrides the pair's).")
-LargeOpt = typer.Option(None, "--large", envvar="GLIMP_LARGE", help="Large model (overrides the pair's).")
-TauOpt = typer.Option(None, "--tau", envvar="GLIMP_TAU", help="H_init threshold in nats: the small model keeps steps with H_init <= tau.")
-ModeOpt = typer.Option(None, "--mode", envvar="GLIMP_MODE", help="glimp routes by H_init; small/large run one model alone; random routes at --large-share; step_entropy/step_perplexity draft with the small model and let the large one rewrite uncertain drafts.")
-ShareOpt = typer.Option(None, "--large-share", envvar="GLIMP_LARGE_SHARE", help="Share of steps for the large model in random mode, and the adaptive mode's target.")
-TempOpt = typer.Option(None, "--temperature", envvar="GLIMP_TEMPERATURE", help="Sampling temperature (0 = greedy).")
-TopPOpt = typer.Option(None, "--top-p", envvar="GLIMP_TOP_P", help="Nucleus sampling mass.")
-SeedOpt = typer.Option(None, "--seed", envvar="GLIMP_SEED", help="Seed for sampling and the random policy.")
-MaxTokOpt = typer.Option(None, "--max-tokens", envvar="GLIMP_MAX_TOKENS", help="Token budget of the whole trace.")
-MaxStepOpt = typer.Option(None, "--max-step-tokens", envvar="GLIMP_MAX_STEP_TOKENS", help="Token limit of one step.")
-DelimOpt = typer.Option(None, "--delimiter", envvar="GLIMP_DELIMITER", help="Step delimiter; the escapes \\n \\t \\r \\\\ \\xHH \\uXXXX are read, other characters kept as typed (default: a blank line).")
-SkipOpt = typer.Option(None, "--probe-skip", envvar="GLIMP_PROBE_SKIP", help="Regex of leading step text (e.g. a list number) the probe reads past: H_init is the entropy of the token after it (in-process small model only).")
-ProbeAtOpt = typer.Option(None, "--probe-at", envvar="GLIMP_PROBE_AT", help="Where the probe reads H_init: 'first' (the step's first token, the paper's) or 'content' (its first token of content, past markup and a list number; in-process small model only).")
-AfterLargeOpt = typer.Option(None, "--tau-after-large", envvar="GLIMP_TAU_AFTER_LARGE", help="glimp's tau for a step that follows a large-model step (default: tau for every step).")
-EstOpt = typer.Option(None, "--estimator", envvar="GLIMP_ESTIMATOR", help="H_init estimator: exact (full vocabulary) or topk:K.")
-ProbeOpt = typer.Option(False, "--probe-baseline", help="In large mode, also probe the small model to record H_init (timings are then not a baseline).")
-VerboseOpt = typer.Option(False, "--verbose", "-v", help="Say which source each setting came from, and where the models are.")
-
-
-def _overrides(ctx: typer.Context, values: dict[str, Any]) -> dict[str, tuple[Any, str]]:
-    """Settings given on the command line or in the environment, with their source."""
-    out = {}
-    for key, value in values.items():
-        if value is None:
-            continue
-        source = ctx.get_parameter_source(key)
-        # Compared by name: typer may carry its own copy of click's ParameterSource enum.
-        origin = "environment" if getattr(source, "name", "") == "ENVIRONMENT" else "flag"
-        if key == "delimiter":
-            from glimp_cli.config import parse_delimiter
-
-            value = parse_delimiter(value, _named(ctx, key, origin))
-        if isinstance(value, Enum):
-            value = value.value
-        out[key] = (value, origin)
-    return out
-
-
-def _named(ctx: typer.Context, key: str, origin: str) -> str:
-    """How the user gave parameter `key`: its flag (`--delimiter`) or its variable (`GLIMP_DELIMITER`)."""
-    param = next(p for p in ctx.command.params if p.name == key)
-    return param.envvar if origin == "environment" else param.opts[0]
-
-
-def _resolve(ctx: typer.Context, config: Optional[Path], pair_name: Optional[str], values: dict, verbose: bool):
-    from glimp_cli.config import apply_overrides, load_registry
-
-    registry = load_registry(config)
-    pair = registry.pair(pair_name)
-    overrides = _overrides(ctx, values)
-    pair, sources = apply_overrides(pair, overrides, registry.pair_keys.get(pair.name, frozenset()))
-    for role in ("small", "large"):
-        registry.model(getattr(pair, role))  # a broken or unknown model fails here, before loading
-    if verbose:
-        err.print(f"config: {', '.join(str(f) for f in registry.files)}", markup=False)
-        err.print(f"pair: {pair.name}", markup=False)
-        for key, source in sources.items():
-            err.print(f"  {key} = {getattr(pair, key)!r}  ({source})", markup=False)
-    return registry, pair
-
-
 @app.command()
+@with_pair_options
 def ask(
     ctx: typer.Context,
     question: str = typer.Argument(..., help="The question to reason about."),
-    pair: Optional[str] = PairOpt,
-    small: Optional[str] = SmallOpt,
-    large: Optional[str] = LargeOpt,
-    tau: Optional[float] = TauOpt,
-    mode: Optional[Mode] = ModeOpt,
-    large_share: Optional[float] = ShareOpt,
-    temperature: Optional[float] = TempOpt,
-    top_p: Optional[float] = TopPOpt,
-    seed: Optional[int] = SeedOpt,
-    max_tokens: Optional[int] = MaxTokOpt,
-    max_step_tokens: Optional[int] = MaxStepOpt,
-    delimiter: Optional[str] = DelimOpt,
-    estimator: Optional[str] = EstOpt,
-    probe_skip: Optional[str] = SkipOpt,
-    probe_at: Optional[str] = ProbeAtOpt,
-    tau_after_large: Optional[float] = AfterLargeOpt,
+    opts: PairOptions = pair_options(),
     probe_baseline: bool = ProbeOpt,
     config: Optional[Path] = ConfigOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the whole trace as one JSON object."),
@@ -148,11 +62,7 @@ def ask(
 
         if not question.strip():
             raise UsageError("the question is empty")
-        values = dict(small=small, large=large, tau=tau, mode=mode, large_share=large_share,
-                      temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens,
-                      max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator, probe_skip=probe_skip, probe_at=probe_at,
-                      tau_after_large=tau_after_large)
-        registry, pair_spec = _resolve(ctx, config, pair, values, verbose)
+        registry, pair_spec = resolve_pair(ctx, config, opts.pair, opts.settings, verbose, err)
         policy = pair_policy(pair_spec, probe_baseline)
         engine = Engine.load(registry, pair_spec, set(policy.models))
         if verbose:
@@ -224,6 +134,7 @@ def _batch_modes(value: str) -> list[str]:
 
 
 @app.command()
+@with_pair_options
 def batch(
     ctx: typer.Context,
     questions: Path = typer.Argument(..., help="JSON Lines file, one question a line (GSM8K or AIME fields)."),
@@ -238,21 +149,8 @@ def batch(
     answer_field: Optional[str] = typer.Option(None, "--answer-field", help="Field holding the reference answer (default: answer)."),
     id_field: Optional[str] = typer.Option(None, "--id-field", help="Field holding the question id (default: id, else the line number)."),
     probe_baseline: bool = ProbeOpt,
-    pair: Optional[str] = PairOpt,
-    small: Optional[str] = SmallOpt,
-    large: Optional[str] = LargeOpt,
-    tau: Optional[float] = TauOpt,
-    large_share: Optional[float] = ShareOpt,
-    temperature: Optional[float] = TempOpt,
-    top_p: Optional[float] = TopPOpt,
-    seed: Optional[int] = SeedOpt,
-    max_tokens: Optional[int] = MaxTokOpt,
-    max_step_tokens: Optional[int] = MaxStepOpt,
-    delimiter: Optional[str] = DelimOpt,
-    estimator: Optional[str] = EstOpt,
-    probe_skip: Optional[str] = SkipOpt,
-    probe_at: Optional[str] = ProbeAtOpt,
-    tau_after_large: Optional[float] = AfterLargeOpt,
+    # batch's --mode is its own (above): a list of modes to run, not one mode to resolve into the pair.
+    opts: PairOptions = pair_options(without=("mode",)),
     config: Optional[Path] = ConfigOpt,
     verbose: bool = VerboseOpt,
     concurrency: int = ConcurrencyOpt,
@@ -279,14 +177,10 @@ def batch(
 
         if resume and overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
-        values = dict(small=small, large=large, tau=tau, large_share=large_share, temperature=temperature,
-                      top_p=top_p, seed=seed, max_tokens=max_tokens, max_step_tokens=max_step_tokens,
-                      delimiter=delimiter, estimator=estimator, probe_skip=probe_skip, probe_at=probe_at,
-                      tau_after_large=tau_after_large)
-        registry, pair_spec = _resolve(ctx, config, pair, values, verbose)
+        registry, pair_spec = resolve_pair(ctx, config, opts.pair, opts.settings, verbose, err)
         modes = _batch_modes(mode) if mode is not None else _batch_modes(pair_spec.mode)
         # Random runs at a share the user set (flag, environment or models.yaml), else at glimp's.
-        share_given = large_share is not None or "large_share" in registry.pair_keys.get(pair_spec.name, ())
+        share_given = opts.settings["large_share"] is not None or "large_share" in registry.pair_keys.get(pair_spec.name, ())
         share = pair_spec.large_share if share_given else None
         if verbose:
             err.print(f"modes: {', '.join(modes)}", markup=False)
@@ -429,6 +323,7 @@ def report(
 
 
 @app.command()
+@with_pair_options
 def calibrate(
     ctx: typer.Context,
     questions: Optional[Path] = typer.Argument(
@@ -455,19 +350,8 @@ def calibrate(
     write: bool = typer.Option(False, "--write", help="Store the chosen tau in the pair's entry of your models.yaml (--config, else the user file)."),
     exclude: Optional[Path] = typer.Option(None, "--exclude", help="Evaluation questions: refuse when calibration questions overlap them."),
     allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Calibrate even when questions overlap --exclude."),
-    pair: Optional[str] = PairOpt,
-    small: Optional[str] = SmallOpt,
-    large: Optional[str] = LargeOpt,
-    tau: Optional[float] = TauOpt,
-    temperature: Optional[float] = TempOpt,
-    top_p: Optional[float] = TopPOpt,
-    seed: Optional[int] = SeedOpt,
-    max_tokens: Optional[int] = MaxTokOpt,
-    max_step_tokens: Optional[int] = MaxStepOpt,
-    delimiter: Optional[str] = DelimOpt,
-    estimator: Optional[str] = EstOpt,
-    probe_skip: Optional[str] = SkipOpt,
-    probe_at: Optional[str] = ProbeAtOpt,
+    # calibrate records the small model alone, and its --large-share (above) picks tau rather than routes.
+    opts: PairOptions = pair_options(without=("mode", "large_share", "tau_after_large")),
     config: Optional[Path] = ConfigOpt,
     verbose: bool = VerboseOpt,
 ):
@@ -489,9 +373,7 @@ def calibrate(
             max_latency_ratio=max_latency_ratio, runs_dir=runs_dir, plot=plot,
             write_to=(config or user_config()) if write else None, exclude=exclude, allow_overlap=allow_overlap)
         check_options(options)
-        values = dict(small=small, large=large, tau=tau, temperature=temperature, top_p=top_p, seed=seed,
-                      max_tokens=max_tokens, max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator, probe_skip=probe_skip, probe_at=probe_at)
-        registry, pair_spec = _resolve(ctx, config, pair, values, verbose)
+        registry, pair_spec = resolve_pair(ctx, config, opts.pair, opts.settings, verbose, err)
         out = Console(highlight=False)
         if not out.is_terminal and "COLUMNS" not in os.environ:
             out.width = max(out.width, 160)  # a log or pipe: room for the frontier's columns
@@ -533,6 +415,7 @@ def profile(
 
 
 @app.command()
+@with_pair_options
 def serve(
     ctx: typer.Context,
     pair: Optional[list[str]] = typer.Option(
@@ -546,21 +429,8 @@ def serve(
     cors_origin: Optional[list[str]] = typer.Option(
         None, "--cors-origin", metavar="ORIGIN", help="Let pages from ORIGIN (scheme://host[:port], or * for any) call the API from a browser; repeat or separate with commas (default: none)."),
     quiet: bool = typer.Option(False, "--quiet", help="No access-log line per request (method, path, status, seconds, model, tokens) on stderr."),
-    small: Optional[str] = SmallOpt,
-    large: Optional[str] = LargeOpt,
-    tau: Optional[float] = TauOpt,
-    mode: Optional[Mode] = ModeOpt,
-    large_share: Optional[float] = ShareOpt,
-    temperature: Optional[float] = TempOpt,
-    top_p: Optional[float] = TopPOpt,
-    seed: Optional[int] = SeedOpt,
-    max_tokens: Optional[int] = MaxTokOpt,
-    max_step_tokens: Optional[int] = MaxStepOpt,
-    delimiter: Optional[str] = DelimOpt,
-    estimator: Optional[str] = EstOpt,
-    probe_skip: Optional[str] = SkipOpt,
-    probe_at: Optional[str] = ProbeAtOpt,
-    tau_after_large: Optional[float] = AfterLargeOpt,
+    # serve's --pair is its own (first above): repeatable, one set of workers per pair.
+    opts: PairOptions = pair_options(without=("pair",)),
     config: Optional[Path] = ConfigOpt,
     verbose: bool = VerboseOpt,
 ):
@@ -572,13 +442,9 @@ def serve(
         from glimp_cli.serve import ServeOptions
         from glimp_cli.serve import serve as run_server
 
-        values = dict(small=small, large=large, tau=tau, mode=mode, large_share=large_share,
-                      temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens,
-                      max_step_tokens=max_step_tokens, delimiter=delimiter, estimator=estimator, probe_skip=probe_skip, probe_at=probe_at,
-                      tau_after_large=tau_after_large)
         specs, registry = [], None
         for name in dict.fromkeys(pair or [None]):
-            registry, spec = _resolve(ctx, config, name, values, verbose)
+            registry, spec = resolve_pair(ctx, config, name, opts.settings, verbose, err)
             specs.append(spec)
         stopped = run_server(ServeOptions(registry, specs, host, port, workers, queue, api_key_env, max_body_bytes,
                                           tuple(cors_origin or ()), quiet=quiet,

@@ -11,7 +11,6 @@ import dataclasses
 import math
 import os
 import re
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 
 from glimp_cli.entropy import parse_estimator
 from glimp_cli.errors import ConfigError
+from glimp_cli.typed_yaml import build_dataclass, expect_mapping, expect_type
 
 CONFIG_ENV = "GLIMP_CONFIG"
 
@@ -261,15 +261,15 @@ def _layer(registry: Registry, path: Path) -> None:
         raise ConfigError(f"{path}: unknown top-level key {sorted(unknown)[0]!r}")
     registry.files.append(path)
     # Named prompts accumulate over the layers, so a user's model can use a packaged prompt.
-    registry.prompts.update(_mapping(data.get("prompts"), path, "prompts"))
+    registry.prompts.update(expect_mapping(data.get("prompts"), path, "prompts"))
     prompts = registry.prompts
-    for name, raw in _mapping(data.get("models"), path, "models").items():
+    for name, raw in expect_mapping(data.get("models"), path, "models").items():
         _add(registry, "models", name, path, lambda: _model(name, raw, prompts, path))
-    for name, raw in _mapping(data.get("pairs"), path, "pairs").items():
+    for name, raw in expect_mapping(data.get("pairs"), path, "pairs").items():
         _add(registry, "pairs", name, path, lambda: _pair(name, raw, path))
         registry.pair_keys[name] = frozenset(raw) if isinstance(raw, dict) else frozenset()
     if "default_pair" in data:
-        registry.default_pair = _check(data["default_pair"], str, path, "default_pair")
+        registry.default_pair = expect_type(data["default_pair"], str, path, "default_pair")
 
 
 def _add(registry: Registry, section: str, name: str, path: Path, build) -> None:
@@ -284,17 +284,9 @@ def _add(registry: Registry, section: str, name: str, path: Path, build) -> None
         registry.broken[key] = exc
 
 
-def _mapping(value: Any, path: Path, key: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: {key}: expected a mapping, got {type(value).__name__}")
-    return value
-
-
 def _model(name: str, raw: Any, prompts: dict, path: Path) -> ModelSpec:
     where = f"models.{name}"
-    raw = dict(_mapping(raw, path, where))
+    raw = dict(expect_mapping(raw, path, where))
     if isinstance(raw.get("source"), dict) and isinstance(raw["source"].get("parts"), dict):
         raw["source"] = {**raw["source"], "parts": _expand_parts(raw["source"]["parts"], path, f"{where}.source.parts")}
     prompt = raw.get("prompt")
@@ -305,7 +297,7 @@ def _model(name: str, raw: Any, prompts: dict, path: Path) -> ModelSpec:
         prompt_where = f"prompts.{prompt}"
     else:
         prompt_where = f"{where}.prompt"
-    spec = _build(ModelSpec, {"name": name, **raw}, path, where, {"prompt": prompt_where})
+    spec = build_dataclass(ModelSpec, {"name": name, **raw}, path, where, {"prompt": prompt_where})
     if spec.prompt.style not in ("chat", "plain"):
         raise ConfigError(f"{path}: {prompt_where}.style: {spec.prompt.style!r} is not 'chat' or 'plain'")
     if spec.prompt.style == "plain" and "{question}" not in (spec.prompt.template or ""):
@@ -356,10 +348,10 @@ def _expand_parts(raw: dict, path: Path, where: str) -> list[dict]:
     for key in ("package", "count", "version"):
         if key not in raw:
             raise ConfigError(f"{path}: {where}: missing key {key!r}")
-    pattern = _check(raw["package"], str, path, f"{where}.package")
-    count = _check(raw["count"], int, path, f"{where}.count")
-    first = _check(raw.get("first", 1), int, path, f"{where}.first")
-    version = _check(raw["version"], str, path, f"{where}.version")
+    pattern = expect_type(raw["package"], str, path, f"{where}.package")
+    count = expect_type(raw["count"], int, path, f"{where}.count")
+    first = expect_type(raw.get("first", 1), int, path, f"{where}.first")
+    version = expect_type(raw["version"], str, path, f"{where}.version")
     if pattern.count("{n}") != 1:
         raise ConfigError(f"{path}: {where}.package: the compact form needs one {{n}} where the part number goes")
     if count < 1:
@@ -412,7 +404,7 @@ def _canonical(package: str) -> str:
 
 def _pair(name: str, raw: Any, path: Path) -> PairSpec:
     where = f"pairs.{name}"
-    spec = _build(PairSpec, {"name": name, **_mapping(raw, path, where)}, path, where)
+    spec = build_dataclass(PairSpec, {"name": name, **expect_mapping(raw, path, where)}, path, where)
     try:
         parse_estimator(spec.estimator)
     except ConfigError as exc:
@@ -520,59 +512,3 @@ def apply_overrides(pair: PairSpec, overrides: dict[str, tuple[Any, str]],
         parse_estimator(spec.estimator)
     check_pair_values(spec, lambda key: f"{sources[key]} value for {key}")
     return spec, sources
-
-
-def _build(cls, raw: dict, path: Path, where: str, nested_where: dict | None = None):
-    """Build dataclass `cls` from `raw`, refusing unknown keys and wrong types."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    unknown = set(raw) - set(fields)
-    if unknown:
-        raise ConfigError(f"{path}: {where}: unknown key {sorted(unknown)[0]!r}")
-    values = {}
-    for key, value in raw.items():
-        key_where = (nested_where or {}).get(key, f"{where}.{key}")
-        values[key] = _convert(value, hints[key], path, key_where)
-    missing = [
-        name for name, f in fields.items()
-        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"{path}: {where}: missing key {missing[0]!r}")
-    return cls(**values)
-
-
-def _convert(value: Any, hint: Any, path: Path, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, path, where)
-    if origin is tuple and dataclasses.is_dataclass(args[0]):
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: {where}: expected a list of mappings")
-        return tuple(_build(args[0], _mapping(item, path, f"{where}[{i}]"), path, f"{where}[{i}]")
-                     for i, item in enumerate(value))
-    if origin is tuple:
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list):
-            raise ConfigError(f"{path}: {where}: expected a list of strings")
-        return tuple(_check(item, str, path, where) for item in items)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, _mapping(value, path, where), path, where)
-    return _check(value, hint, path, where)
-
-
-def _check(value: Any, kind: type, path: Path, where: str) -> Any:
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if math.isnan(value):  # YAML's .nan: no setting of glimp means anything at NaN
-            raise ConfigError(f"{path}: {where}: expected a number, got NaN")
-        return float(value)
-    if kind is float and isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", ".inf", "-.inf"):
-        return float(value.strip().lower().replace(".", ""))
-    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-    raise ConfigError(f"{path}: {where}: expected {names.get(kind, kind.__name__)}, got {value!r}")

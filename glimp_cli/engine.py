@@ -8,8 +8,9 @@ from pathlib import Path
 from glimp_cli.config import PairSpec, Registry
 from glimp_cli.entropy import parse_estimator
 from glimp_cli.policies import Policy, make_policy
-from glimp_cli.router import ModelSlot, RouteSettings, Router
+from glimp_cli.router import RouteSettings, Router
 from glimp_cli.sampling import Sampling
+from glimp_cli.sides import ModelSlot
 
 
 def route_settings(pair: PairSpec) -> RouteSettings:

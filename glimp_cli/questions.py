@@ -98,7 +98,12 @@ def _parse_line(raw: bytes, number: int, question_field: str | None, answer_fiel
         return Skipped(number, f"invalid JSON: {exc.msg} at column {exc.colno}")
     if not isinstance(row, dict):
         return Skipped(number, f"expected a JSON object, got {type(row).__name__}")
+    return question_from_row(row, number, question_field, answer_field, id_field)
 
+
+def question_from_row(row: dict, number: int, question_field: str | None = None, answer_field: str | None = None,
+                      id_field: str | None = None) -> Question | Skipped:
+    """The question a row of a question file holds (`number` is its line, the id when it names none)."""
     fields = (question_field,) if question_field else QUESTION_FIELDS
     name = next((f for f in fields if f in row), None)
     if name is None:

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from glimp_cli.router import Step, Trace
+from glimp_cli.trace import Step, Trace
 
 COLOURS = {"small": "cyan", "large": "magenta"}
 

@@ -1,24 +1,29 @@
-"""The probe-then-dispatch loop: a generator of frozen `Step` records, one per reasoning step."""
+"""The probe-then-dispatch loop: `Router.run()` gives a `Trace` that yields one frozen `Step` per reasoning step.
+
+The records are in trace.py, each model's context in sides.py, when a trace ends in trace_end.py; here are
+the router and the loop of one question (`_TraceRun`: probe, choose the model, write the step, finish it).
+"""
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from time import perf_counter
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from glimp_cli.backends.base import Backend, ContextFull, StepStop, Written, answer_complete, has_content
-from glimp_cli.config import PROBE_AT, PromptFormat, compile_probe_skip
+from glimp_cli.config import PROBE_AT, compile_probe_skip
 from glimp_cli.entropy import EstimatorSpec
-from glimp_cli.errors import ConfigError, ContextLimitError, UsageError
+from glimp_cli.errors import ConfigError, UsageError
 from glimp_cli.policies import LARGE, SMALL, DraftScore, Policy, Role
-from glimp_cli.prompts import render_prompt
 from glimp_cli.sampling import Sampling, sample_token
+from glimp_cli.sides import ModelSlot, TextSide, TokenSide
 from glimp_cli.signals import content_start, perplexity, token_at
-from glimp_cli.trace_end import EndFacts, trace_end
+from glimp_cli.trace import Step, StepListener, Trace
+from glimp_cli.trace_end import EndFacts, LoopDetector, trace_end
 
 # Top log-probabilities a text-level (HTTP) small model is asked for when the estimator is exact but
 # nothing is probed (small mode): its first token of a step is drawn from these.
@@ -26,51 +31,6 @@ DEFAULT_TEXT_TOP_K = 20
 # Most tokens the probe reads past a `probe_skip` match: a pattern such as \d+\. keeps matching a
 # long number, and the probe must stay a few tokens of work.
 MAX_SKIP_TOKENS = 8
-
-
-@dataclass(frozen=True)
-class Step:
-    """One reasoning step: who wrote it, how hard it looked (H_init, nats) and what it cost."""
-
-    index: int
-    model: Role
-    h_init: float | None
-    text: str
-    tokens: int  # tokens the writer generated for this step
-    probe_seconds: float
-    generate_seconds: float
-    prefill_seconds: float  # prompt and catch-up prefill of either model before this step
-    prefill_tokens: int
-    discarded_tokens: int  # small-model draft tokens thrown away (answer handover, rejected draft)
-    stop_reason: str
-    draft_signal: "DraftScore | None" = None  # step-level signals of the small draft (draft policies)
-    forced: str | None = None  # a forced answer: why the trace had ended without one (see force_answer)
-
-    @property
-    def seconds(self) -> float:
-        return self.probe_seconds + self.generate_seconds + self.prefill_seconds
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "seconds": self.seconds}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Step":
-        """The Step a results file recorded with `to_dict` (keys it did not have take their defaults)."""
-        known = {f.name for f in fields(cls)}
-        values = {key: value for key, value in data.items() if key in known}
-        if values.get("draft_signal") is not None:
-            values["draft_signal"] = DraftScore(**values["draft_signal"])
-        return cls(**values)
-
-
-class StepListener(Protocol):
-    """Live consumer of a trace as it is written (the terminal view)."""
-
-    def step_started(self, index: int, model: Role, h_init: float | None) -> None: ...
-
-    def text(self, piece: str) -> None: ...
-
-    def draft_discarded(self, index: int, tokens: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -92,246 +52,6 @@ class RouteSettings:
     forced_answer_tokens: int = 32
 
 
-@dataclass
-class ModelSlot:
-    """A backend with its prompt format and stop strings, as one side of the pair."""
-
-    role: Role
-    backend: Backend | None  # None when the policy never needs this model (a baseline)
-    prompt: PromptFormat
-    stop: tuple[str, ...] = ()
-
-
-class _Side:
-    """Keeps one model's context equal to prompt + steps, each step in canonical tokens."""
-
-    def __init__(self, slot: ModelSlot, delimiter: str):
-        self.slot = slot
-        self.backend = slot.backend
-        self.delimiter = delimiter
-        self._header: tuple[int, ...] | None = None
-        self.started = False
-        self.steps_seen = 0
-        self.context_len = 0
-        self.prompt_len = 0
-        self.evaluated_at_start = 0
-
-    @functools.cached_property
-    def delim_tokens(self) -> tuple[int, ...]:
-        # H_init must not depend on who wrote the previous step. A tokenizer may merge a
-        # trailing delimiter into one token (SmolLM2: "\n\n" -> 1116) while the model writes
-        # it as it appears in running text (198, 198), and the probe after the two forms
-        # differs by ~0.8 nats on average (NOTES.md). So every context ends each step with
-        # the form the tokenizer gives when more text follows: the form the model writes.
-        sentinel = "A"
-        full = self.backend.tokenize(self.delimiter + sentinel)
-        target = self.delimiter.encode()
-        for k in range(len(full), 0, -1):
-            if b"".join(self.backend.token_bytes(t) for t in full[:k]) == target:
-                return tuple(full[:k])
-        return tuple(self.backend.tokenize(self.delimiter))
-
-    def continuation(self, text: str) -> list[int]:
-        """Tokens of `text` as it is tokenized in running text, right after a delimiter."""
-        if not text:
-            return []
-        toks = self.backend.tokenize(self.delimiter + text)
-        n = len(self.delim_tokens)
-        if tuple(toks[:n]) == self.delim_tokens:
-            return toks[n:]
-        return self.backend.tokenize(text)
-
-    def prompt_tokens(self, question: str) -> list[int]:
-        text = render_prompt(self.slot.prompt, question, self.backend.chat_template,
-                             self.backend.bos_token, self.backend.eos_token, self.backend.name)
-        # A chat template may already write the BOS token as text.
-        bos = not (self.backend.bos_token and text.startswith(self.backend.bos_token))
-        return self.backend.tokenize(text, special=True, bos=bos)
-
-    def header(self) -> tuple[int, ...]:
-        """The prompt tokens that do not depend on the question (reused across questions)."""
-        if self._header is None:
-            a, b = self.prompt_tokens("A"), self.prompt_tokens("B")
-            n = 0
-            while n < min(len(a), len(b)) and a[n] == b[n]:
-                n += 1
-            self._header = tuple(a[: max(0, n - 1)])  # the last shared token may merge with the question
-        return self._header
-
-    def start(self, question: str) -> int:
-        """Put the prompt in the context; returns the tokens evaluated.
-
-        The header and the question are always evaluated as two separate batches, so the cache
-        after `start` is the same whether or not the header was reused from an earlier question.
-        """
-        tokens = self.prompt_tokens(question)
-        if len(tokens) >= self.backend.n_ctx:
-            raise ContextLimitError(
-                f"the prompt is {len(tokens)} tokens but model {self.backend.name!r} has a context of "
-                f"{self.backend.n_ctx} (raise n_ctx in models.yaml or shorten the question)"
-            )
-        header = self.header()
-        anchor = len(header) if tuple(tokens[: len(header)]) == header else 0
-        before = self.evaluated_at_start = self.backend.evaluated
-        if anchor and tuple(self.backend.tokens[:anchor]) == header:
-            self.backend.rewind(anchor)
-        else:
-            self.backend.rewind(0)
-            if anchor:
-                self.backend.extend(tokens[:anchor])
-        self.backend.extend(tokens[anchor:])
-        self.started = True
-        self.steps_seen = 0
-        self.context_len = self.prompt_len = len(tokens)
-        return self.backend.evaluated - before
-
-    def sync(self, texts: Sequence[str]) -> int:
-        """Catch up on steps the other model wrote, in one batch; returns tokens evaluated."""
-        pending: list[int] = []
-        for text in texts[self.steps_seen:]:
-            pending += self.continuation(text) + list(self.delim_tokens)
-        if pending:
-            self.backend.extend(pending)
-            self.context_len += len(pending)
-        self.steps_seen = len(texts)
-        return len(pending)
-
-    def final_length(self, texts: Sequence[str]) -> int:
-        """Context length once caught up on every step (tokenized, not evaluated)."""
-        unseen = texts[self.steps_seen:]
-        return self.context_len + sum(len(self.continuation(t)) + len(self.delim_tokens) for t in unseen)
-
-    def evaluated_tokens(self) -> int:
-        """Tokens this model evaluated since `start`."""
-        return self.backend.evaluated - self.evaluated_at_start
-
-    def append_answer_marker(self, marker: str, room: int) -> tuple[int, int]:
-        """End the context with a delimiter and `marker`, leaving up to `room` tokens to answer in.
-
-        A context too full for that loses the end of its trace (never the prompt) to make room, and with
-        too little even then the answer gets what is left. Returns (tokens evaluated, room left).
-        """
-        delim = list(self.delim_tokens)
-        tokens = list(self.backend.tokens)
-        lead = [] if tuple(tokens[len(tokens) - len(delim):]) == self.delim_tokens else delim
-        ask = self.continuation(marker)
-        over = len(tokens) + len(lead) + len(ask) + room - self.backend.n_ctx
-        if over > 0:
-            keep = max(self.prompt_len, len(tokens) - over - len(delim))
-            room = min(room, self.backend.n_ctx - keep - len(delim) - len(ask))
-            if room < 1:
-                raise ContextFull(f"{self.backend.name}: no room for the answer after the prompt")
-            self.backend.rewind(keep)
-            lead = delim
-        self.backend.extend(lead + ask)
-        self.context_len = len(self.backend.tokens)
-        return len(lead) + len(ask), room
-
-    def rewind_to_settled(self) -> None:
-        """Forget what was added after the settled context (a dropped draft, the tokens a probe drew)."""
-        self.backend.rewind(self.context_len)
-
-    def count_unsettled(self, written: Written) -> None:
-        """Count a step left in the context as written, not settled (the trace ends on it): its tokens."""
-        self.context_len += len(written.tokens)
-
-    probe_form = "in-process logits"
-
-    def settle(self, written: Written, text: str) -> int:
-        """Make the writer's context end with `text` + the canonical delimiter, keeping its own tokens.
-
-        Returns how many of the generated tokens were kept.
-        """
-        target = text.encode()
-        kept, acc = 0, b""
-        for tok in written.tokens:
-            piece = self.backend.token_bytes(tok)
-            if not target.startswith(acc + piece):
-                break
-            acc += piece
-            kept += 1
-        while kept and not _char_boundary(target, len(acc)):
-            kept -= 1
-            acc = acc[: len(acc) - len(self.backend.token_bytes(written.tokens[kept]))]
-        tail = self.continuation(target[len(acc):].decode()) + list(self.delim_tokens)
-        if list(written.tokens[kept:]) != tail:
-            self.backend.rewind(self.context_len + kept)
-            self.backend.extend(tail)
-        self.context_len += kept + len(tail)
-        self.steps_seen += 1
-        return kept
-
-
-class _TextSide:
-    """Keeps a text-level model's context (a server's) equal to prompt + steps, each + the delimiter.
-
-    The same small interface as `_Side`, on text: the server tokenizes and reuses its KV cache by
-    prefix, so there is nothing to evaluate or rewind here, and a dropped draft was never added.
-    How a context ending in the delimiter is tokenized is the backend's business (`probe_form`).
-    `context_len` counts characters; what the server evaluated is not visible (None).
-    """
-
-    def __init__(self, slot: ModelSlot, delimiter: str, top_k: int):
-        self.slot = slot
-        self.backend = slot.backend
-        self.delimiter = delimiter
-        self.backend.delimiter = delimiter
-        self.backend.top_k = top_k
-        self.started = False
-        self.steps_seen = 0
-        self.context_len = 0
-
-    def start(self, question: str) -> int:
-        """Set the context to the prompt; the server prefills it inside the next request (returns 0)."""
-        b = self.backend
-        b.prompt = render_prompt(self.slot.prompt, question, b.chat_template, b.bos_token, b.eos_token, b.name)
-        self._set(b.prompt)
-        self.started = True
-        self.steps_seen = 0
-        return 0
-
-    def sync(self, texts: Sequence[str]) -> int:
-        """Append the steps the other model wrote (nothing is evaluated until the next request)."""
-        unseen = texts[self.steps_seen:]
-        if unseen:
-            self._set(self.backend.text + "".join(t + self.delimiter for t in unseen))
-        self.steps_seen = len(texts)
-        return 0
-
-    def settle(self, written: Written, text: str) -> int:
-        """Append the step the model wrote itself; every generated token counts as kept."""
-        self._set(self.backend.text + text + self.delimiter)
-        self.steps_seen += 1
-        return len(written.tokens)
-
-    def rewind_to_settled(self) -> None:
-        """Nothing to undo: `write` never extends the text."""
-
-    def count_unsettled(self, written: Written) -> None:
-        """Count a step the server wrote but `text` does not hold (the trace ends on it): its characters."""
-        self.context_len += len(written.text)
-
-    def final_length(self, texts: Sequence[str]) -> None:
-        return None
-
-    def append_answer_marker(self, marker: str, room: int) -> tuple[int, int]:
-        """End the text with a delimiter and `marker` (the server knows the context's limit): (0, room)."""
-        text = self.backend.text
-        self._set((text if text.endswith(self.delimiter) else text + self.delimiter) + marker)
-        return 0, room
-
-    def evaluated_tokens(self) -> None:
-        return None
-
-    @property
-    def probe_form(self) -> str | None:
-        return self.backend.probe_form
-
-    def _set(self, text: str) -> None:
-        self.backend.text = text
-        self.context_len = len(text)
-
-
 def _match_end(pattern, delimiter: str) -> Callable[[str], int | None]:
     """A `probe_skip` pattern as a lead: the whole text once it matches; none if it cannot, or the step ended."""
     def lead_end(text: str) -> int | None:
@@ -348,129 +68,6 @@ def _match_end(pattern, delimiter: str) -> Callable[[str], int | None]:
 def _text_of(backend: Backend, tokens: Sequence[int]) -> str:
     """The text a run of tokens stands for."""
     return b"".join(backend.token_bytes(t) for t in tokens).decode("utf-8", errors="ignore")
-
-
-def _char_boundary(data: bytes, n: int) -> bool:
-    try:
-        data[:n].decode()
-        return True
-    except UnicodeDecodeError:
-        return False
-
-
-class LoopDetector:
-    """Says when a trace has fallen into a loop: a step twice in a row, or a run of steps again.
-
-    A step made only of markup or whitespace (`\\[`, `---`, a blank) recurs legitimately and never
-    counts as a loop on its own; a repeated run of several steps counts if any of them has content.
-    """
-
-    def __init__(self, max_run: int = 8):
-        self.keys: list[str] = []
-        self.max_run = max_run
-
-    def add(self, text: str) -> bool:
-        """Record a step's text; True if the trace now ends in a loop."""
-        self.keys.append(" ".join(text.split()))
-        keys = self.keys
-        for run in range(1, min(self.max_run, len(keys) // 2) + 1):
-            if keys[-run:] == keys[-2 * run:-run] and any(has_content(k) for k in keys[-run:]):
-                return True
-        return False
-
-
-class Trace:
-    """One question's run: iterate it for `Step`s; afterwards it holds the trace-level results."""
-
-    def __init__(self, router: "Router", question: str, listener: StepListener | None,
-                 given: Sequence[Step] = ()):
-        self.router = router
-        self.question = question
-        self.listener = listener
-        self.given = tuple(given)  # steps taken as written, before the loop routes the rest (a replay)
-        self.steps: list[Step] = []
-        self.stop_reason: str | None = None
-        self.forced_answer: str | None = None  # why the answer was forced (the stop reason before it), if it was
-        self.evaluated: dict[str, int] = {}
-        self.context_tokens: dict[str, int] = {}
-        self.wall_seconds = 0.0
-        self._started = False
-
-    def __iter__(self) -> Iterator[Step]:
-        if self._started:
-            raise RuntimeError("a Trace can be iterated once")
-        self._started = True
-        start = perf_counter()
-        try:
-            yield from self.router._run(self)
-        except KeyboardInterrupt:
-            self.stop_reason = "interrupted"
-            raise
-        finally:
-            self.wall_seconds = perf_counter() - start
-            texts = [step.text for step in self.steps]
-            for role, side in self.router._sides.items():
-                if side.started:
-                    evaluated, length = side.evaluated_tokens(), side.final_length(texts)
-                    if evaluated is not None:  # a remote model's server evaluation is not visible
-                        self.evaluated[role] = evaluated
-                    if length is not None:
-                        self.context_tokens[role] = length
-
-    def run(self) -> "Trace":
-        """Drain the steps; returns self."""
-        for _ in self:
-            pass
-        return self
-
-    def summary(self) -> dict:
-        """Per-model steps and tokens, large share, probe and wall time, evaluated tokens."""
-        steps = {SMALL: 0, LARGE: 0}
-        tokens = {SMALL: 0, LARGE: 0}
-        for step in self.steps:
-            steps[step.model] += 1
-            tokens[step.model] += step.tokens
-        n_steps, n_tokens = sum(steps.values()), sum(tokens.values())
-        return {
-            "steps": steps,
-            "tokens": tokens,
-            "large_share_steps": steps[LARGE] / n_steps if n_steps else 0.0,
-            "large_share_tokens": tokens[LARGE] / n_tokens if n_tokens else 0.0,
-            "discarded_tokens": sum(step.discarded_tokens for step in self.steps),
-            "probe_seconds": sum(step.probe_seconds for step in self.steps),
-            "prefill_seconds": sum(step.prefill_seconds for step in self.steps),
-            "wall_seconds": self.wall_seconds,
-            "tokens_per_second": n_tokens / self.wall_seconds if self.wall_seconds else 0.0,
-            "evaluated_tokens": dict(self.evaluated),
-            "context_tokens": dict(self.context_tokens),
-        }
-
-    def to_dict(self) -> dict:
-        """The whole trace as plain data (the `--json` output)."""
-        return {
-            "question": self.question,
-            "policy": self.router.policy.name,
-            "estimator": str(self.router.settings.estimator),
-            "delimiter": self.router.delimiter,
-            "probe": self.router._sides[SMALL].probe_form if self.router.policy.needs_probe else None,
-            "probe_skip": self.router.probe_skip.pattern if self.router.probe_skip is not None else None,
-            "probe_at": self.router.settings.probe_at if self.router.policy.needs_probe else None,
-            "stop_reason": self.stop_reason,
-            "forced_answer": self.forced_answer,
-            "answer_text": self.answer_text,
-            "steps": [step.to_dict() for step in self.steps],
-            "summary": self.summary(),
-        }
-
-    @property
-    def answer_text(self) -> str:
-        """The final answer: from the first step stating an answer marker to the end, else the last step."""
-        markers = self.router.answer_markers
-        for i, step in enumerate(self.steps):
-            if any(m in step.text for m in markers):
-                return self.router.delimiter.join(s.text for s in self.steps[i:])
-        written = [s.text for s in self.steps if s.text.strip()]
-        return written[-1] if written else ""
 
 
 class Router:
@@ -493,7 +90,7 @@ class Router:
             self.lead_end = _match_end(self.probe_skip, self.delimiter)
         elif settings.probe_at == "content" and policy.needs_probe:
             self.lead_end = content_start
-        if self.lead_end is not None and isinstance(self._sides[SMALL], _TextSide):
+        if self.lead_end is not None and isinstance(self._sides[SMALL], TextSide):
             what = "probe_skip" if self.probe_skip is not None else "probe_at: content"
             raise ConfigError(
                 f"{what} needs the small model in process: model {small.backend.name!r} is served "
@@ -665,7 +262,7 @@ class _TraceRun:
                     prefill_seconds=costs.prefill_seconds, prefill_tokens=costs.prefill_tokens,
                     discarded_tokens=0, stop_reason=reason, forced=why)
 
-    def catch_up(self, side: _Side, costs: _StepCosts) -> None:
+    def catch_up(self, side: TokenSide | TextSide, costs: _StepCosts) -> None:
         """Bring a model's context up to date (its prompt first), as one batch."""
         t0 = perf_counter()
         n = 0 if side.started else side.start(self.trace.question)
@@ -820,10 +417,10 @@ class _TraceRun:
         return step, end
 
 
-def _side(slot: ModelSlot, settings: RouteSettings, policy: Policy) -> "_Side | _TextSide":
+def _side(slot: ModelSlot, settings: RouteSettings, policy: Policy) -> TokenSide | TextSide:
     """The side for a slot's backend: token-level (in process) or text-level (a server)."""
     if slot.backend is None or slot.backend.context != "text":
-        return _Side(slot, settings.delimiter)
+        return TokenSide(slot, settings.delimiter)
     k = settings.estimator.k
     if k is None:
         if slot.role == SMALL and policy.needs_probe:
@@ -832,7 +429,7 @@ def _side(slot: ModelSlot, settings: RouteSettings, policy: Policy) -> "_Side | 
                 "H_init cannot be exact; use estimator topk:K (e.g. --estimator topk:20)"
             )
         k = DEFAULT_TEXT_TOP_K  # only to draw the small model's first token when nothing is probed
-    return _TextSide(slot, settings.delimiter, k)
+    return TextSide(slot, settings.delimiter, k)
 
 
 def _draft_score(written: Written) -> DraftScore | None:

@@ -1,8 +1,11 @@
-"""When a trace ends: one pure rule over the facts the loop knows, before a step and once one is written."""
+"""When a trace ends: one pure rule over the facts the loop knows, before a step and once one is written,
+and the detector of one of those facts (the trace has fallen into a loop)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from glimp_cli.backends.base import has_content
 
 # Why a trace ended; a step's own stop_reason is one of these or delimiter / max_step_tokens.
 TRACE_STOPS = ("answer", "eos", "stop_string", "max_tokens", "context_full", "repetition", "interrupted")
@@ -23,7 +26,7 @@ class EndFacts:
     step_reason: str | None = None  # how the step stopped; a `length` stop told apart as max_tokens / max_step_tokens
     handed_over: bool = False  # the small model reached the answer and hands it to the large one (answer phase)
     states_answer: bool = False  # the step states an answer marker and its writer was to answer
-    repeats: bool = False  # the trace now ends in a loop (see router.LoopDetector)
+    repeats: bool = False  # the trace now ends in a loop (see LoopDetector)
 
 
 def trace_end(facts: EndFacts) -> str | None:
@@ -47,3 +50,24 @@ def trace_end(facts: EndFacts) -> str | None:
     if end is None and facts.out_of_tokens:
         end = "max_tokens"
     return end
+
+
+class LoopDetector:
+    """Says when a trace has fallen into a loop: a step twice in a row, or a run of steps again.
+
+    A step made only of markup or whitespace (`\\[`, `---`, a blank) recurs legitimately and never
+    counts as a loop on its own; a repeated run of several steps counts if any of them has content.
+    """
+
+    def __init__(self, max_run: int = 8):
+        self.keys: list[str] = []
+        self.max_run = max_run
+
+    def add(self, text: str) -> bool:
+        """Record a step's text; True if the trace now ends in a loop."""
+        self.keys.append(" ".join(text.split()))
+        keys = self.keys
+        for run in range(1, min(self.max_run, len(keys) // 2) + 1):
+            if keys[-run:] == keys[-2 * run:-run] and any(has_content(k) for k in keys[-run:]):
+                return True
+        return False

@@ -11,7 +11,8 @@ from glimp_cli.backends.fake import FakeBackend, ScriptedStep
 from glimp_cli.config import PromptFormat
 from glimp_cli.entropy import parse_estimator
 from glimp_cli.policies import Policy
-from glimp_cli.router import ModelSlot, RouteSettings, Router
+from glimp_cli.router import RouteSettings, Router
+from glimp_cli.sides import ModelSlot
 
 FAKE_PROMPT = PromptFormat(style="plain", template="Q: {question}\nA:\n", answer_marker="The answer is")
 

@@ -16,13 +16,13 @@ from conftest import FIVE_STEPS, fake_router
 from glimp_cli import __version__
 from glimp_cli.backends.fake import tokenize_bytes
 from glimp_cli.batch import (
-    BASELINE, PROBED, ROUTED, ResultsFile, batch_settings, check_writable, order_modes, pair_settings, result_record,
-    run_batch,
+    BASELINE, PROBED, ROUTED, batch_settings, order_modes, pair_settings, result_record, run_batch,
 )
 from glimp_cli.config import PairSpec, load_registry
 from glimp_cli.errors import InputError, ModelError, UsageError
 from glimp_cli.policies import make_policy
 from glimp_cli.questions import Question, load_questions
+from glimp_cli.results_file import ResultsFile, check_writable
 from glimp_cli.router import Router
 
 # With tau = 1.0 glimp routes FIVE_STEPS small, large, small, large, then the large model answers: 3 of 5 large.

@@ -22,13 +22,14 @@ from typer.testing import CliRunner
 
 from conftest import FIVE_STEPS, GSM8K_QUESTIONS, fake_router
 from glimp_cli import calibrate as cal
-from glimp_cli.batch import ResultsFile, pair_settings, run_batch
+from glimp_cli.batch import pair_settings, run_batch
 from glimp_cli.cli import app
 from glimp_cli.config import PairSpec, load_registry, packaged_config
 from glimp_cli.errors import ConfigError, InputError, MissingExtraError, UsageError
 from glimp_cli.policies import adaptive, make_policy, share_threshold
 from glimp_cli.questions import Question
 from glimp_cli.report import ModeRow
+from glimp_cli.results_file import ResultsFile
 
 SCRIPT_H = [s.h_init for s in FIVE_STEPS]  # the small model's H_init at each step
 PAIR = PairSpec("default", "smollm2-135m", "gemma3-270m", tau=1.0)

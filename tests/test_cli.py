@@ -268,3 +268,23 @@ def test_ctrl_c_prints_what_was_written_and_exits_130():
     assert proc.returncode == 130, errors
     assert "interrupted" in out and "wall time" in out
     assert "Traceback" not in errors
+
+
+def test_the_pair_options_are_one_set_and_commands_differ_only_where_they_say():
+    import typer
+
+    from glimp_cli.cli_options import PAIR_OPTIONS
+
+    commands = typer.main.get_command(app).commands
+    # What each command declares its own way: batch's --mode lists modes, calibrate's --large-share picks tau
+    # (and it records the small model alone), serve's --pair repeats.
+    own = {"ask": set(), "batch": {"mode"}, "calibrate": {"mode", "large_share", "tau_after_large"},
+           "serve": {"pair"}}
+    for name, declared_here in own.items():
+        params = {p.name: p for p in commands[name].params}
+        for key, (_, option) in PAIR_OPTIONS.items():
+            if key in declared_here:
+                assert key not in params or params[key].help != option.help, (name, key)
+            else:
+                assert (params[key].opts, params[key].envvar, params[key].help) == (
+                    list(option.param_decls), option.envvar, option.help), (name, key)

@@ -28,15 +28,17 @@ from glimp_cli.backends.base import ContextFull, StepStop, StepScanner, Written
 from glimp_cli.backends.fake import ScriptedStep as S
 from glimp_cli.backends.http_transport import Endpoint
 from glimp_cli.backends.openai_http import RUNNING_FORM, TEXT_END_FORM, OpenAIBackend, connect, reachability
-from glimp_cli.batch import ResultsFile, run_batch
+from glimp_cli.batch import run_batch
 from glimp_cli.cli import app
 from glimp_cli.config import ModelSpec, PromptFormat
 from glimp_cli.entropy import parse_estimator, topk_entropy, topk_entropy_from_logprobs
 from glimp_cli.errors import BackendError, ConfigError, ContextLimitError
 from glimp_cli.policies import always_large, always_small, threshold
 from glimp_cli.questions import Question
-from glimp_cli.router import ModelSlot, RouteSettings, Router
+from glimp_cli.results_file import ResultsFile
+from glimp_cli.router import RouteSettings, Router
 from glimp_cli.sampling import Sampling
+from glimp_cli.sides import ModelSlot
 
 runner = CliRunner()
 PLAIN = PromptFormat(style="plain", template="Q: {question}\nA:\n", answer_marker="The answer is")

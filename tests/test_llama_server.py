@@ -25,7 +25,8 @@ from glimp_cli.cli import app
 from glimp_cli.config import ModelSpec
 from glimp_cli.entropy import parse_estimator, topk_entropy, topk_entropy_from_logprobs
 from glimp_cli.policies import always_large, always_small
-from glimp_cli.router import ModelSlot, RouteSettings, Router
+from glimp_cli.router import RouteSettings, Router
+from glimp_cli.sides import ModelSlot
 from test_http_backend import (K, PLAIN, QUESTIONS, batch_killed_after_first_result,  # noqa: F401
                                clean_env, ggufs, results, runner, smollm2_boundaries, smollm2_chat_steps,
                                write_config, write_questions)

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from glimp_cli.batch import BASELINE, PROBED, ROUTED, ResultsFile, pair_settings, run_batch
+from glimp_cli.batch import BASELINE, PROBED, ROUTED, pair_settings, run_batch
 from glimp_cli.config import PairSpec
 from glimp_cli.errors import InputError
 from glimp_cli.questions import Question
 from glimp_cli.report import load_results, render_table, rows_to_json, summarize, wilson_interval
+from glimp_cli.results_file import ResultsFile
 from test_batch import Routers, settings_for
 
 Z = 1.959963984540054

@@ -15,8 +15,10 @@ from glimp_cli.config import PromptFormat
 from glimp_cli.entropy import exact_entropy
 from glimp_cli.errors import ContextLimitError, UsageError
 from glimp_cli.policies import always_large, always_small, random_share, threshold
-from glimp_cli.router import ModelSlot, RouteSettings, Router, Step, _stable_hash
+from glimp_cli.router import RouteSettings, Router, _stable_hash
 from glimp_cli.sampling import Sampling, sample_token
+from glimp_cli.sides import ModelSlot
+from glimp_cli.trace import Step
 
 MARKER_TOKENS = len(tokenize_bytes(b"The answer is"))  # as the fake writes it: "The", " answer", " is"
 

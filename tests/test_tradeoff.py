@@ -13,25 +13,19 @@ import pytest
 
 from conftest import fake_router
 from glimp_cli.backends.fake import ScriptedStep as S
-from glimp_cli.batch import ResultsFile
 from glimp_cli.config import PairSpec
 from glimp_cli.policies import LARGE, SMALL
 from glimp_cli.profile import ModelRates, Rates, bound_seconds, median_rates, trace_work
 from glimp_cli.questions import Question
 from glimp_cli.report import common_ids, mcnemar_p, paired_comparison, recovered_gap, run_row
+from glimp_cli.results_file import ResultsFile
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "tradeoff.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_tradeoff", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-tradeoff = load_bench()
+sys.path.insert(0, str(BENCH.parent))  # as `python bench/tradeoff.py` has it: its parts import each other
+import tradeoff  # noqa: E402
+import tradeoff_runs  # noqa: E402
+import tradeoff_tables  # noqa: E402
+import tradeoff_thresholds  # noqa: E402
 
 
 # --- McNemar and paired comparisons ---------------------------------------------------------------
@@ -129,11 +123,11 @@ def test_run_row_needs_one_mode_and_relates_latency_to_large_by_sums():
 # --- the bench's tables on hand-made records -------------------------------------------------------
 
 PAIR = PairSpec("fake", "fake-small", "fake-large", tau=1.0)
-THRESHOLDS = tradeoff.Thresholds({0.5: 1.0}, {0.5: 0.5}, {0.5: 2.0}, 1.0)
+THRESHOLDS = tradeoff_thresholds.Thresholds({0.5: 1.0}, {0.5: 0.5}, {0.5: 2.0}, 1.0)
 
 
 def runs_in(tmp_path: Path):
-    return tradeoff.plan_runs(PAIR, THRESHOLDS, tmp_path, adaptive_share=0.5)
+    return tradeoff_runs.plan_runs(PAIR, THRESHOLDS, tmp_path, adaptive_share=0.5)
 
 
 def test_plan_runs_puts_each_random_run_after_its_glimp_run_with_its_own_file(tmp_path):
@@ -150,8 +144,8 @@ def test_plan_runs_puts_each_random_run_after_its_glimp_run_with_its_own_file(tm
 
 
 def test_two_shares_with_one_threshold_are_one_run(tmp_path):
-    tied = tradeoff.Thresholds({0.2: 1.0, 0.35: 1.0}, {0.2: 0.5, 0.35: 0.7}, {0.2: 2.0, 0.35: 2.0}, 1.0)
-    runs = tradeoff.plan_runs(PAIR, tied, tmp_path, adaptive_share=0.35)
+    tied = tradeoff_thresholds.Thresholds({0.2: 1.0, 0.35: 1.0}, {0.2: 0.5, 0.35: 0.7}, {0.2: 2.0, 0.35: 2.0}, 1.0)
+    runs = tradeoff_runs.plan_runs(PAIR, tied, tmp_path, adaptive_share=0.35)
     assert [r.label for r in runs] == ["small alone", "large alone", "glimp 20%", "random ~ glimp 20%",
                                        "step_entropy 20%", "step_entropy 35%", "step_perplexity 20%", "adaptive 35%"]
 
@@ -172,7 +166,7 @@ def test_tradeoff_rows_and_paired_comparisons(tmp_path):
         records[by[family].label] = [
             record(str(i + 1), mode, c, 2.0 if family == "large" else 3.0, tokens=(40, 20),
                    evaluated={SMALL: 50, LARGE: 30}, steps=(1, 1)) for i, c in enumerate(correct)]
-    rows = tradeoff.tradeoff_rows(runs, records, lambda label, qid: RATES)
+    rows = tradeoff_tables.tradeoff_rows(runs, records, lambda label, qid: RATES)
     row = {r.run.family: r for r in rows}
     assert row["glimp"].stats.accuracy == 0.75 and row["small"].stats.accuracy == 0.25
     assert row["glimp"].gap == pytest.approx((0.75 - 0.25) / (0.75 - 0.25))
@@ -185,13 +179,13 @@ def test_tradeoff_rows_and_paired_comparisons(tmp_path):
     # Work that differs: twice large alone's tokens decoded at the same rates is twice its bound.
     records[by["glimp"].label] = [dict(r, tokens={SMALL: 80, LARGE: 40}, evaluated_tokens={SMALL: 90, LARGE: 50})
                                   for r in records[by["glimp"].label]]
-    doubled = {r.run.family: r for r in tradeoff.tradeoff_rows(runs, records, lambda label, qid: RATES)}["glimp"]
+    doubled = {r.run.family: r for r in tradeoff_tables.tradeoff_rows(runs, records, lambda label, qid: RATES)}["glimp"]
     one = 40 / 50 + 20 / 25 + 10 / 200 + 10 / 100
     assert doubled.bound == pytest.approx((80 / 50 + 40 / 25 + 10 / 200 + 10 / 100) / one)
     assert doubled.vs_bound == pytest.approx(1.5 / doubled.bound)
-    assert tradeoff.tradeoff_rows(runs, records, lambda label, qid: None)[0].vs_bound is None
+    assert tradeoff_tables.tradeoff_rows(runs, records, lambda label, qid: None)[0].vs_bound is None
 
-    pairs = {(c.a.run.family, c.b.run.family): c.paired for c in tradeoff.comparisons(rows, records)}
+    pairs = {(c.a.run.family, c.b.run.family): c.paired for c in tradeoff_tables.comparisons(rows, records)}
     assert set(pairs) == {("glimp", "random"), ("glimp", "step_entropy"), ("glimp", "step_perplexity"),
                           ("adaptive", "glimp"), ("adaptive", "random")}
     assert (pairs["glimp", "random"].wins, pairs["glimp", "random"].losses) == (2, 0)
@@ -199,13 +193,13 @@ def test_tradeoff_rows_and_paired_comparisons(tmp_path):
     assert (pairs["glimp", "step_perplexity"].wins, pairs["glimp", "step_perplexity"].losses) == (0, 0)
     assert (pairs["adaptive", "glimp"].wins, pairs["adaptive", "glimp"].losses) == (1, 1)
 
-    text = tradeoff.markdown(rows, list(tradeoff.comparisons(rows, records)), 4, "note")
+    text = tradeoff_tables.markdown(rows, list(tradeoff_tables.comparisons(rows, records)), 4, "note")
     assert "\n| glimp 50% | tau 1 | 50% | 75.0% (" in text
     assert "\n| glimp 50% | random ~ glimp 50% | 33.3% / 33.3% | 2 | 0 | 2 | 0.5 |" in text
 
 
 def test_each_record_is_bounded_with_the_profile_measured_last_before_it(tmp_path):
-    log = tradeoff.ProfileLog(tmp_path / "profiles.jsonl")
+    log = tradeoff_runs.ProfileLog(tmp_path / "profiles.jsonl")
     slow = Rates(ModelRates(5.0, 20.0, 40), ModelRates(2.5, 10.0, 40), 0.1)
     third = Rates(ModelRates(70.0, 300.0, 40), ModelRates(20.0, 90.0, 40), 0.02)
 
@@ -237,7 +231,7 @@ def test_draft_scores_read_only_judged_small_drafts(tmp_path):
     rows = [{**record("1", "step_entropy", True, 1.0), "steps": steps},
             {**record("2", "step_entropy", True, 1.0), "steps": steps[:1]}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert tradeoff.draft_scores(path, {"1"}) == ([0.5, 1.0], [1.5, 2.5])
+    assert tradeoff_thresholds.draft_scores(path, {"1"}) == ([0.5, 1.0], [1.5, 2.5])
 
 
 # --- the question-major loop on the fake pair ------------------------------------------------------
@@ -267,7 +261,7 @@ def test_questions_go_through_every_run_before_the_next_and_a_resume_finishes_ea
         return fake_router(SCRIPT, run.policy(share))
 
     files = open_files(runs)
-    outcome = tradeoff.run_interleaved(runs, QUESTIONS, files, router_for, stop=stop)
+    outcome = tradeoff_runs.run_interleaved(runs, QUESTIONS, files, router_for, stop=stop)
     for f in files.values():
         f.close()
     assert outcome.interrupted and outcome.written == 9
@@ -277,7 +271,7 @@ def test_questions_go_through_every_run_before_the_next_and_a_resume_finishes_ea
     calls.clear()
     seen = []
     files = open_files(runs)
-    outcome = tradeoff.run_interleaved(runs, QUESTIONS, files, router_for,
+    outcome = tradeoff_runs.run_interleaved(runs, QUESTIONS, files, router_for,
                                        on_question=lambda k, q, written: seen.append((q.id, len(written))))
     for f in files.values():
         f.close()
@@ -304,7 +298,7 @@ def test_random_runs_at_the_pooled_share_its_glimp_run_reached_so_far(tmp_path):
             shares.append(share)
         return fake_router(SCRIPT, run.policy(share))
 
-    tradeoff.run_interleaved(runs, QUESTIONS[:2], files, router_for)
+    tradeoff_runs.run_interleaved(runs, QUESTIONS[:2], files, router_for)
     for f in files.values():
         f.close()
     # tau 1.0 on the script: small, large, small, then the large model answers: 2 of 4 steps large.
@@ -314,9 +308,9 @@ def test_random_runs_at_the_pooled_share_its_glimp_run_reached_so_far(tmp_path):
 
 
 def test_variants_get_their_own_taus_files_and_rivals(tmp_path):
-    th = tradeoff.Thresholds({0.5: 1.0}, {0.5: 0.5}, {0.5: 2.0}, 1.0, skip_taus={0.5: 0.8},
+    th = tradeoff_thresholds.Thresholds({0.5: 1.0}, {0.5: 0.5}, {0.5: 2.0}, 1.0, skip_taus={0.5: 0.8},
                              after_large_taus={0.5: 1.6})
-    runs = tradeoff.plan_runs(PAIR, th, tmp_path, adaptive_share=0.5, probe_skip=r"\d+\.")
+    runs = tradeoff_runs.plan_runs(PAIR, th, tmp_path, adaptive_share=0.5, probe_skip=r"\d+\.")
     skip, writer = runs[-2], runs[-1]
     assert (skip.label, skip.pair.tau, skip.pair.probe_skip, skip.pair.tau_after_large) == (
         "glimp skip 50%", 0.8, r"\d+\.", None)
@@ -324,13 +318,13 @@ def test_variants_get_their_own_taus_files_and_rivals(tmp_path):
         "glimp by writer 50%", 1.0, 1.6, None)
     assert skip.settings()["probe_skip"] == r"\d+\." and writer.settings()["tau_after_large"] == 1.6
     assert writer.policy().name == "glimp(tau=1, after_large=1.6)"
-    assert len({r.path for r in runs}) == len(runs) and tradeoff._threshold(writer) == "tau 1, 1.6 after large"
+    assert len({r.path for r in runs}) == len(runs) and tradeoff_tables._threshold(writer) == "tau 1, 1.6 after large"
     # Each variant is paired with plain glimp at its share and with the plain glimp / random run nearest
     # to it in large tokens (here the same glimp run: it is listed once).
     records = {r.label: [record("1", r.mode, True, 1.0, tokens=(40, 20 if r.variant else 10), steps=(1, 1))]
                for r in runs}
-    rows = tradeoff.tradeoff_rows(runs, records, lambda label, qid: None)
-    pairs = [(c.a.run.label, c.b.run.label) for c in tradeoff.comparisons(rows, records)]
+    rows = tradeoff_tables.tradeoff_rows(runs, records, lambda label, qid: None)
+    pairs = [(c.a.run.label, c.b.run.label) for c in tradeoff_tables.comparisons(rows, records)]
     for variant in ("glimp skip 50%", "glimp by writer 50%"):
         assert [b for a, b in pairs if a == variant] == ["glimp 50%", "random ~ glimp 50%"]
 
@@ -355,21 +349,21 @@ def test_a_run_timed_in_another_session_than_large_alone_gets_a_bound_but_no_lat
     records = {r.label: [record(str(i), r.mode, True, 1.0 if r.family == "glimp" else 4.0, tokens=(40, 20),
                                 evaluated={SMALL: 50, LARGE: 30}, steps=(1, 1)) for i in (1, 2)] for r in runs}
     # large alone and every run but glimp were timed under RATES; glimp, later, under `later`.
-    rows = {r.run.family: r for r in tradeoff.tradeoff_rows(
+    rows = {r.run.family: r for r in tradeoff_tables.tradeoff_rows(
         runs, records, lambda label, qid: later if label == by["glimp"].label else RATES)}
     glimp, random = rows["glimp"], rows["random"]
     assert not glimp.timed_with_large and glimp.stats.latency_vs_large is None and glimp.vs_bound is None
     # Its bound relates its work to large alone's at its own rates: the same work is 1 whatever the machine.
     assert glimp.bound == pytest.approx(1.0)
     assert random.timed_with_large and random.stats.latency_vs_large == pytest.approx(1.0)
-    assert tradeoff.row_cells(glimp)[5] == "-"
+    assert tradeoff_tables.row_cells(glimp)[5] == "-"
     # A resume that split one question of two between profiles still leaves the run timed with large alone
     # when most of its questions were; here one of two is not most.
-    split = {r.run.family: r for r in tradeoff.tradeoff_rows(
+    split = {r.run.family: r for r in tradeoff_tables.tradeoff_rows(
         runs, records, lambda label, qid: later if (label, qid) == (by["glimp"].label, "1") else RATES)}["glimp"]
     assert not split.timed_with_large
     three = {label: recs + [dict(recs[0], id="3")] for label, recs in records.items()}
-    split = {r.run.family: r for r in tradeoff.tradeoff_rows(
+    split = {r.run.family: r for r in tradeoff_tables.tradeoff_rows(
         runs, three, lambda label, qid: later if (label, qid) == (by["glimp"].label, "1") else RATES)}["glimp"]
     assert split.timed_with_large and split.stats.latency_vs_large is not None
 
@@ -384,8 +378,8 @@ def test_only_keeps_the_named_runs_and_refuses_a_random_run_without_its_glimp_ru
 
 
 def test_the_content_probe_runs_with_its_own_tau_and_a_random_run_at_its_reached_share(tmp_path):
-    th = tradeoff.Thresholds({0.5: 1.0}, {0.5: 0.5}, {0.5: 2.0}, 1.0, content_taus={0.5: 1.3})
-    runs = tradeoff.plan_runs(PAIR, th, tmp_path, adaptive_share=0.5)
+    th = tradeoff_thresholds.Thresholds({0.5: 1.0}, {0.5: 0.5}, {0.5: 2.0}, 1.0, content_taus={0.5: 1.3})
+    runs = tradeoff_runs.plan_runs(PAIR, th, tmp_path, adaptive_share=0.5)
     content, random = runs[-2], runs[-1]
     assert (content.label, content.pair.tau, content.pair.probe_at, content.variant) == (
         "glimp content 50%", 1.3, "content", "content")
@@ -394,6 +388,6 @@ def test_the_content_probe_runs_with_its_own_tau_and_a_random_run_at_its_reached
         "random", "glimp content 50%", "first", "content")
     records = {r.label: [record("1", r.mode, True, 1.0, tokens=(40, 20 if r.variant else 10), steps=(1, 1))]
                for r in runs}
-    rows = tradeoff.tradeoff_rows(runs, records, lambda label, qid: None)
-    pairs = [(c.a.run.label, c.b.run.label) for c in tradeoff.comparisons(rows, records)]
+    rows = tradeoff_tables.tradeoff_rows(runs, records, lambda label, qid: None)
+    pairs = [(c.a.run.label, c.b.run.label) for c in tradeoff_tables.comparisons(rows, records)]
     assert [b for a, b in pairs if a == "glimp content 50%"][:2] == ["random ~ glimp content 50%", "glimp 50%"]

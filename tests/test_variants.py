@@ -14,7 +14,8 @@ from glimp_cli.config import PairSpec, apply_overrides, compile_probe_skip
 from glimp_cli.entropy import parse_estimator
 from glimp_cli.errors import ConfigError
 from glimp_cli.policies import always_large, always_small, make_policy, threshold, threshold_by_writer
-from glimp_cli.router import MAX_SKIP_TOKENS, ModelSlot, RouteSettings, Router
+from glimp_cli.router import MAX_SKIP_TOKENS, RouteSettings, Router
+from glimp_cli.sides import ModelSlot
 
 MARKER = r"\s*(\d+[.)]|[-*])"
 ANSWER = S(0.1, "The answer is 3.", "The answer is 4.")

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from glimp_cli.batch import BatchOutcome, ResultsFile, pair_settings, run_batch
+from glimp_cli.batch import BatchOutcome, pair_settings, run_batch
 from glimp_cli.calibrate.shares import tau_for_share, tau_text
 from glimp_cli.calibrate.traces import Distribution, distribution_from_traces
 from glimp_cli.config import PairSpec, Registry
 from glimp_cli.errors import UsageError
 from glimp_cli.policies import ADAPTIVE_WARMUP, SMALL, Policy, make_policy
 from glimp_cli.questions import Question
+from glimp_cli.results_file import ResultsFile
 from glimp_cli.router import Router
 
 DEFAULT_SHARES = (0.25, 0.5, 0.75)

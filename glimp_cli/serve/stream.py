@@ -22,7 +22,7 @@ from dataclasses import replace
 from time import perf_counter
 from typing import Callable
 
-from glimp_cli.router import Step
+from glimp_cli.trace import Step
 
 # An event for the HTTP side: ("delta", text, step_start or None) or ("step_end", step record).
 Emit = Callable[[tuple], None]
