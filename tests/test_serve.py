@@ -212,7 +212,8 @@ class GatedFake(FakeBackend):
 
 
 @contextlib.contextmanager
-def fake_app(script, prompt=FAKE_PROMPT, queue=4, gate: threading.Event | None = None, cors_origins=(), **settings):
+def fake_app(script, prompt=FAKE_PROMPT, queue=4, gate: threading.Event | None = None, cors_origins=(),
+             api_key: str | None = None, **settings):
     """The real app with one worker over the scripted fake pair, driven by Starlette's TestClient.
 
     With `gate`, the worker's models write only once the gate is open.
@@ -229,7 +230,7 @@ def fake_app(script, prompt=FAKE_PROMPT, queue=4, gate: threading.Event | None =
     backends = {"small": fake("s", "small", script, **extra), "large": fake("l", "large", script, **extra)}
     pool = WorkerPool("fake", [Engine(registry, pair, backends)], queue)
     served = {"fake": ServedPair(pair, {"s": prompt, "l": prompt})}
-    state = ServerState(served, {"fake": pool}, None, 1_000_000, tuple(cors_origins))
+    state = ServerState(served, {"fake": pool}, api_key, 1_000_000, tuple(cors_origins))
     try:
         with TestClient(build_app(state)) as client:
             yield client
@@ -396,6 +397,159 @@ def test_cors_origins_are_split_at_commas_and_checked():
     for bad in ("localhost:3000", "http://localhost:3000/", "http://a.example/chat"):
         with pytest.raises(UsageError, match="not an origin"):
             _cors_origins((bad,))
+
+
+# --- the live page in Node over the app's own answers (no browser) ----------------------------
+
+# The page's script on a stub DOM: fetch answers with what the in-process app answered (`answers`), the
+# chat stream is held before its first byte to see what the page shows while the question is read.
+PAGE_HARNESS = r"""
+const fs = require("fs"), vm = require("vm");
+const { page, answers, key, model } = JSON.parse(fs.readFileSync(0, "utf8"));
+class El {
+  constructor(tag, id) { Object.assign(this, { tagName: tag, id: id || "", className: "", textContent: "", value: "",
+    hidden: false, dataset: {}, children: [], parent: null, listeners: {}, options: [], innerHTML: "", disabled: false }); }
+  addEventListener(type, fn) { this.listeners[type] = fn; }
+  append(...els) { for (const el of els) { el.parent = this; this.children.push(el); } }
+  appendChild(el) { this.append(el); return el; }
+  replaceChildren(...els) {
+    this.children = []; this.append(...els);
+    if (this.tagName === "select") { this.options = els; this.value = els.length ? els[0].value : ""; }
+  }
+  remove() { if (this.parent) this.parent.children = this.parent.children.filter((c) => c !== this); this.parent = null; }
+  querySelector(sel) {
+    for (const c of this.children) {
+      if (sel.startsWith(".") ? c.className.split(" ").includes(sel.slice(1)) : c.tagName === sel) return c;
+      const found = c.querySelector(sel); if (found) return found;
+    }
+    return null;
+  }
+  find(id) { for (const c of this.children) { if (c.id === id) return c; const f = c.find(id); if (f) return f; } return null; }
+}
+const fixed = {};
+for (const id of ["ask", "question", "model", "tau", "max_tokens", "keyrow", "key", "go", "stop", "status", "steps", "summary"])
+  fixed[id] = new El(id === "model" ? "select" : "div", id);
+globalThis.document = { getElementById: (id) => fixed[id] || fixed.steps.find(id), createElement: (tag) => new El(tag),
+                        body: { dataset: {} } };
+globalThis.location = { search: "" };
+globalThis.sessionStorage = { items: {}, getItem(k) { return this.items[k] ?? null; }, setItem(k, v) { this.items[k] = v; } };
+globalThis.Option = function (text, value) { return { text, value }; };
+const cards = () => fixed.steps.children.map((c) => ({ cls: c.className, id: c.id,
+  head: (c.querySelector("header") || {}).textContent, text: (c.querySelector(".text") || {}).textContent }));
+const seen = {};
+globalThis.fetch = async (url, options = {}) => {
+  const auth = (options.headers || {}).Authorization;
+  const answer = answers[url + (auth ? " " + auth : "")] || answers[url];
+  if (url !== "/v1/chat/completions") return new Response(JSON.stringify(answer.body), { status: answer.status });
+  seen.sent = { cards: cards(), status: fixed.status.textContent };
+  let pulled = false;
+  const stream = new ReadableStream({ pull(c) {
+    if (!pulled) { seen.reading = { cards: cards(), status: fixed.status.textContent }; pulled = true;
+                   c.enqueue(new TextEncoder().encode(answer.body)); } else c.close(); } }, { highWaterMark: 0 });
+  return new Response(stream, { status: answer.status });
+};
+(async () => {
+  vm.runInThisContext(page.split("<script>")[1].split("</script>")[0]);
+  await new Promise((r) => setTimeout(r, 50));
+  seen.models = fixed.model.options.map((o) => o.value);
+  if (key) {
+    fixed.key.value = key;
+    if (fixed.key.listeners.change) await fixed.key.listeners.change();
+    await new Promise((r) => setTimeout(r, 50));
+    seen.keyed = fixed.model.options.map((o) => o.value);
+  }
+  fixed.question.value = "q?";
+  fixed.model.value = model;
+  await fixed.ask.listeners.submit({ preventDefault() {} });
+  seen.done = { cards: cards(), status: fixed.status.textContent, state: document.body.dataset.state };
+  console.log(JSON.stringify(seen));
+})().catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
+def run_page(script, model="glimp/fake", key=None, **settings) -> dict:
+    """The page asks `model` a question over the fake app's real answers; what it showed on the way."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the page's script is not run")
+    with fake_app(script, api_key=key, **settings) as client:
+        page = client.get("/").text
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        answers = {"/health": client.get("/health"), "/v1/models": client.get("/v1/models")}
+        if key:
+            answers[f"/v1/models Bearer {key}"] = client.get("/v1/models", headers=auth)
+        answers = {url: {"status": r.status_code, "body": r.json()} for url, r in answers.items()}
+        body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "q?"}]}
+        with client.stream("POST", "/v1/chat/completions", json=body, headers=auth) as response:
+            answers["/v1/chat/completions"] = {"status": response.status_code, "body": response.read().decode()}
+    result = subprocess.run([node, "-e", PAGE_HARNESS], input=json.dumps(
+        {"page": page, "answers": answers, "key": key, "model": model}), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# The small model hands the answer over; the large one ends the trace without stating it: a forced answer.
+HANDOVER = [S(0.5, "small one", "L1"), S(2.0, "x", "LARGE TWO"), S(0.3, "so: The answer is 4.", "x"),
+            S(0.1, "", "It is four.<eos>"), S(0.1, "", " 4.")]
+
+
+def test_the_page_says_why_a_step_has_no_h_init_instead_of_a_dash():
+    shown = run_page(HANDOVER, tau=1.0)
+    heads = [c["head"] for c in shown["done"]["cards"]]
+    assert heads == ["step 1 · small · H_init 0.50 nats", "step 2 · large · H_init 2.00 nats",
+                     "step 3 · small · H_init 0.30 nats", "step 4 · large · answer handed over to large, not probed",
+                     "step 5 · large · forced answer (the trace ended: eos), not probed"], heads
+    alone = run_page(HANDOVER, model="glimp/fake:large", tau=1.0)  # a mode that never probes
+    heads = [c["head"] for c in alone["done"]["cards"]]
+    assert heads[0] == "step 1 · large · not probed in this mode" and "forced answer" in heads[-1], heads
+    assert not any("nats" in h for h in heads)
+
+
+def test_the_page_shows_the_question_being_read_until_the_first_token():
+    shown = run_page(HANDOVER, tau=1.0)
+    assert shown["sent"]["cards"] == [{"cls": "step pending", "id": "pending", "head": "waiting for a worker", "text": ""}]
+    assert shown["reading"]["cards"] == [{"cls": "step pending", "id": "pending", "head": "reading the question",
+                                          "text": ""}]
+    assert shown["reading"]["status"] == "reading the question…"
+    done = shown["done"]
+    assert done["state"] == "done" and done["cards"] and all(c["id"] != "pending" for c in done["cards"])
+    failed = run_page(HANDOVER, model="glimp/nosuch")  # an error: the card goes, the error shows
+    assert [c["cls"] for c in failed["done"]["cards"]] == ["error"] and failed["done"]["state"] == "error"
+
+
+def test_with_an_api_key_the_page_lists_the_mode_variants_once_the_key_is_entered():
+    shown = run_page(SCRIPT, key="s3cret", tau=1.0)
+    assert shown["models"] == ["glimp/fake"]  # /health's list: /v1/models needs the key
+    assert shown["keyed"] == ServedPair(PairSpec("fake", "s", "l"), {}).model_ids()
+    assert "glimp/fake:large" in shown["keyed"] and shown["done"]["state"] == "done"
+
+
+def test_the_page_keeps_ask_and_stop_together_on_one_line():
+    from html.parser import HTMLParser
+
+    with fake_app(SCRIPT) as client:
+        page = client.get("/").text
+
+    class Parents(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.open, self.parent = [], {}
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if "id" in attrs and self.open:
+                self.parent[attrs["id"]] = self.open[-1]
+            if tag not in ("meta", "input", "br"):  # no end tag
+                self.open.append(attrs.get("class") or tag)
+
+        def handle_endtag(self, tag):
+            self.open.pop()
+
+    parents = Parents()
+    parents.feed(page.replace("<!doctype html>", ""))
+    assert parents.parent["go"] == parents.parent["stop"] == "buttons"
+    rule = page.split(".row .buttons {", 1)[1].split("}", 1)[0]
+    assert "flex: none" in rule  # the pair moves to the next line as one, never Stop alone
 
 
 # --- the command line's edge ------------------------------------------------------------------
@@ -1013,8 +1167,10 @@ def test_the_page_streams_coloured_steps_with_h_init_and_a_summary(server, asked
     assert [s["model"] for s in steps] == [s["model"] for s in asked["steps"]]
     assert [s["text"] for s in steps] == [s["text"].lstrip() for s in asked["steps"]]
     for shown, step in zip(steps, asked["steps"]):
-        h = "-" if step["h_init"] is None else f"{step['h_init']:.2f}"
-        assert shown["head"] == f"step {step['index'] + 1} · {step['model']} · H_init {h} nats"
+        if step["h_init"] is None:  # the page says why: handed over, a forced answer, a mode without a probe
+            assert "not probed" in shown["head"] and "nats" not in shown["head"], shown["head"]
+        else:
+            assert shown["head"] == f"step {step['index'] + 1} · {step['model']} · H_init {step['h_init']:.2f} nats"
         assert shown["foot"].startswith(f"{step['tokens']} tokens")
     colours = {s["model"]: s["colour"] for s in steps}
     assert colours == {"small": "rgb(14, 143, 168)", "large": "rgb(180, 39, 158)"}
