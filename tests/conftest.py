@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import pytest
 
@@ -37,6 +38,18 @@ def fake_router(script: list[ScriptedStep], policy: Policy, *, prompt: PromptFor
     settings.setdefault("estimator", parse_estimator("exact"))
     return Router(ModelSlot("small", small, prompt, stop), ModelSlot("large", large, large_prompt or prompt, stop),
                   policy, RouteSettings(**settings))
+
+
+class GatedFake(FakeBackend):
+    """A fake whose every write waits for `gate`: its worker stays busy until the test opens it."""
+
+    def __init__(self, *args, gate: threading.Event, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+
+    def write(self, *args, **kwargs):
+        assert self.gate.wait(60), "the gate was never opened"
+        return super().write(*args, **kwargs)
 
 
 def default_sigint() -> None:

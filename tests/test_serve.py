@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FAKE_PROMPT, GSM8K_QUESTIONS, fake_router
+from conftest import FAKE_PROMPT, GSM8K_QUESTIONS, GatedFake, fake_router
 from test_http_backend import FakeServer, event
 from glimp_cli.backends.fake import FakeBackend
 from glimp_cli.backends.fake import ScriptedStep as S
@@ -198,18 +198,6 @@ def test_a_conversation_a_plain_format_cannot_hold_is_refused_naming_the_model_a
 
 
 # --- the whole app on the fake pair, in process ----------------------------------------------
-
-class GatedFake(FakeBackend):
-    """A fake whose every write waits for `gate`: its worker stays busy until the test opens it."""
-
-    def __init__(self, *args, gate: threading.Event, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gate = gate
-
-    def write(self, *args, **kwargs):
-        assert self.gate.wait(60), "the gate was never opened"
-        return super().write(*args, **kwargs)
-
 
 @contextlib.contextmanager
 def fake_app(script, prompt=FAKE_PROMPT, queue=4, gate: threading.Event | None = None, cors_origins=(),

@@ -13,7 +13,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import FAKE_PROMPT
+from conftest import FAKE_PROMPT, GatedFake
 from glimp_cli.backends.fake import FakeBackend
 from glimp_cli.backends.fake import ScriptedStep as S
 from glimp_cli.config import ModelSpec, PairSpec, Registry
@@ -31,18 +31,6 @@ NO_MARKER = dataclasses.replace(FAKE_PROMPT, answer_marker=None)
 LONG_PROMPT = dataclasses.replace(NO_MARKER, template="Think it through, one step at a time.\nQ: {question}\nA:\n")
 CHAT = {"model": "glimp/fake", "messages": [{"role": "user", "content": "q?"}]}
 KEY = "metrics-test-key"
-
-
-class GatedFake(FakeBackend):
-    """A fake whose writes wait for `gate`: its worker stays busy until the test opens it."""
-
-    def __init__(self, *args, gate: threading.Event, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gate = gate
-
-    def write(self, *args, **kwargs):
-        assert self.gate.wait(60), "the gate was never opened"
-        return super().write(*args, **kwargs)
 
 
 class FailingFake(FakeBackend):
