@@ -429,6 +429,7 @@ def serve(
     cors_origin: Optional[list[str]] = typer.Option(
         None, "--cors-origin", metavar="ORIGIN", help="Let pages from ORIGIN (scheme://host[:port], or * for any) call the API from a browser; repeat or separate with commas (default: none)."),
     quiet: bool = typer.Option(False, "--quiet", help="No access-log line per request (method, path, status, seconds, model, tokens) on stderr."),
+    prompt_cache: bool = typer.Option(True, "--prompt-cache/--no-prompt-cache", help="Keep a conversation's earlier turns in the KV cache of the worker that served them, so its next turn evaluates only what is new (logits then differ from a fresh start's in the last digits, as with llama-server's cache_prompt)."),
     # serve's --pair is its own (first above): repeatable, one set of workers per pair.
     opts: PairOptions = pair_options(without=("pair",)),
     config: Optional[Path] = ConfigOpt,
@@ -447,7 +448,7 @@ def serve(
             registry, spec = resolve_pair(ctx, config, name, opts.settings, verbose, err)
             specs.append(spec)
         stopped = run_server(ServeOptions(registry, specs, host, port, workers, queue, api_key_env, max_body_bytes,
-                                          tuple(cors_origin or ()), quiet=quiet,
+                                          tuple(cors_origin or ()), quiet=quiet, prompt_cache=prompt_cache,
                                           log=lambda line: err.print(line, markup=False)))
         err.print(f"glimp serve: stopped ({stopped})", markup=False)
 

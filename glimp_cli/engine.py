@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from glimp_cli.config import PairSpec, Registry
@@ -42,6 +42,7 @@ class Engine:
     registry: Registry
     pair: PairSpec
     backends: dict  # role -> Backend, only the roles some policy needed
+    prompt_cache: bool = False  # the routers' RouteSettings.prompt_cache (glimp serve turns it on)
 
     @classmethod
     def load(cls, registry: Registry, pair: PairSpec, roles: set[str]) -> "Engine":
@@ -68,7 +69,7 @@ class Engine:
                       self.registry.model(getattr(pair, role)).stop)
             for role in ("small", "large")
         ]
-        return Router(slots[0], slots[1], policy, route_settings(pair))
+        return Router(slots[0], slots[1], policy, replace(route_settings(pair), prompt_cache=self.prompt_cache))
 
     def close(self) -> None:
         for backend in self.backends.values():

@@ -44,6 +44,13 @@ class Conversation(str):
         return self.system, self.turns
 
 
+def asking(question: str, text: str) -> str:
+    """`question` with the question itself (a conversation's last user turn) replaced by `text`."""
+    if isinstance(question, Conversation):
+        return Conversation(question.system, question.turns[:-1] + (Turn("user", text),))
+    return text
+
+
 def render_prompt(fmt: PromptFormat, question: str, chat_template: str | None,
                   bos_token: str = "", eos_token: str = "", model: str = "model") -> str:
     """The text a model continues: everything before the first reasoning step.

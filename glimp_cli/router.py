@@ -50,6 +50,9 @@ class RouteSettings:
     # A trace that ends without an answer gets the answer marker and up to this many tokens to state
     # one (0: never), kept out of max_tokens for it (at most half of it).
     forced_answer_tokens: int = 32
+    # Keep the cached part of a conversation's earlier turns at the start of its next turn (glimp serve;
+    # see TokenSide.start).
+    prompt_cache: bool = False
 
 
 def _match_end(pattern, delimiter: str) -> Callable[[str], int | None]:
@@ -420,7 +423,7 @@ class _TraceRun:
 def _side(slot: ModelSlot, settings: RouteSettings, policy: Policy) -> TokenSide | TextSide:
     """The side for a slot's backend: token-level (in process) or text-level (a server)."""
     if slot.backend is None or slot.backend.context != "text":
-        return TokenSide(slot, settings.delimiter)
+        return TokenSide(slot, settings.delimiter, settings.prompt_cache)
     k = settings.estimator.k
     if k is None:
         if slot.role == SMALL and policy.needs_probe:

@@ -14,7 +14,7 @@ from glimp_cli.backends.base import Backend, ContextFull, Written
 from glimp_cli.config import PromptFormat
 from glimp_cli.errors import ContextLimitError
 from glimp_cli.policies import Role
-from glimp_cli.prompts import render_prompt
+from glimp_cli.prompts import Conversation, asking, render_prompt
 
 
 @dataclass
@@ -30,10 +30,12 @@ class ModelSlot:
 class TokenSide:
     """Keeps one model's context equal to prompt + steps, each step in canonical tokens."""
 
-    def __init__(self, slot: ModelSlot, delimiter: str):
+    def __init__(self, slot: ModelSlot, delimiter: str, prompt_cache: bool = False):
         self.slot = slot
         self.backend = slot.backend
         self.delimiter = delimiter
+        # Keep the cached part of a conversation's earlier turns (see `start`).
+        self.prompt_cache = prompt_cache
         self._header: tuple[int, ...] | None = None
         self.started = False
         self.steps_seen = 0
@@ -76,18 +78,26 @@ class TokenSide:
     def header(self) -> tuple[int, ...]:
         """The prompt tokens that do not depend on the question (reused across questions)."""
         if self._header is None:
-            a, b = self.prompt_tokens("A"), self.prompt_tokens("B")
-            n = 0
-            while n < min(len(a), len(b)) and a[n] == b[n]:
-                n += 1
-            self._header = tuple(a[: max(0, n - 1)])  # the last shared token may merge with the question
+            self._header = self.before_question("")
         return self._header
+
+    def before_question(self, question: str) -> tuple[int, ...]:
+        """The prompt tokens before the question itself: the header, and a conversation's earlier turns."""
+        a, b = self.prompt_tokens(asking(question, "A")), self.prompt_tokens(asking(question, "B"))
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return tuple(a[: max(0, n - 1)])  # the last shared token may merge with the question
 
     def start(self, question: str) -> int:
         """Put the prompt in the context; returns the tokens evaluated.
 
-        The header and the question are always evaluated as two separate batches, so the cache
-        after `start` is the same whether or not the header was reused from an earlier question.
+        The prompt is evaluated in up to three batches: the header, a conversation's earlier turns, the
+        question. The header is reused whole from the last trace or evaluated whole, so the cache after
+        `start` is the same either way. With `prompt_cache`, the cached part of the earlier turns is kept
+        too: the next turn of a conversation evaluates only what its last answer's tokens do not cover,
+        and its logits may differ from a fresh start's in the last digits, as llama-server's
+        `cache_prompt` (NOTES.md: logits depend on how tokens were batched).
         """
         tokens = self.prompt_tokens(question)
         if len(tokens) >= self.backend.n_ctx:
@@ -96,15 +106,21 @@ class TokenSide:
                 f"{self.backend.n_ctx} (raise n_ctx in models.yaml or shorten the question)"
             )
         header = self.header()
-        anchor = len(header) if tuple(tokens[: len(header)]) == header else 0
+        h = len(header) if tuple(tokens[: len(header)]) == header else 0
+        q = h
+        if isinstance(question, Conversation):
+            history = self.before_question(question)
+            if len(history) > h and tuple(tokens[: len(history)]) == history:
+                q = len(history)
+        cached = self.backend.tokens
+        keep = h if tuple(cached[:h]) == tuple(tokens[:h]) else 0
+        if self.prompt_cache and keep == h:
+            keep = max(h, _shared_length(cached, tokens[:q]))
         before = self.evaluated_at_start = self.backend.evaluated
-        if anchor and tuple(self.backend.tokens[:anchor]) == header:
-            self.backend.rewind(anchor)
-        else:
-            self.backend.rewind(0)
-            if anchor:
-                self.backend.extend(tokens[:anchor])
-        self.backend.extend(tokens[anchor:])
+        self.backend.rewind(keep)
+        for a, b in ((0, h), (h, q), (q, len(tokens))):
+            if max(a, keep) < b:
+                self.backend.extend(tokens[max(a, keep):b])
         self.started = True
         self.steps_seen = 0
         self.context_len = self.prompt_len = len(tokens)
@@ -255,6 +271,16 @@ class TextSide:
     def _set(self, text: str) -> None:
         self.backend.text = text
         self.context_len = len(text)
+
+
+def _shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens `a` and `b` share from their start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _char_boundary(data: bytes, n: int) -> bool:

@@ -201,8 +201,8 @@ def test_a_conversation_a_plain_format_cannot_hold_is_refused_naming_the_model_a
 
 @contextlib.contextmanager
 def fake_app(script, prompt=FAKE_PROMPT, queue=4, gate: threading.Event | None = None, cors_origins=(),
-             api_key: str | None = None, **settings):
-    """The real app with one worker over the scripted fake pair, driven by Starlette's TestClient.
+             api_key: str | None = None, workers: int = 1, prompt_cache: bool = False, **settings):
+    """The real app with `workers` workers over the scripted fake pair, driven by Starlette's TestClient.
 
     With `gate`, the worker's models write only once the gate is open.
     """
@@ -215,8 +215,10 @@ def fake_app(script, prompt=FAKE_PROMPT, queue=4, gate: threading.Event | None =
     registry = Registry({name: ModelSpec(name, prompt=prompt) for name in ("s", "l")}, {}, "fake", [], {}, {})
     pair = PairSpec("fake", "s", "l", **settings)
     fake, extra = (GatedFake, {"gate": gate}) if gate else (FakeBackend, {})
-    backends = {"small": fake("s", "small", script, **extra), "large": fake("l", "large", script, **extra)}
-    pool = WorkerPool("fake", [Engine(registry, pair, backends)], queue)
+    engines = [Engine(registry, pair, {"small": fake("s", "small", script, **extra),
+                                       "large": fake("l", "large", script, **extra)}, prompt_cache)
+               for _ in range(workers)]
+    pool = WorkerPool("fake", engines, queue)
     served = {"fake": ServedPair(pair, {"s": prompt, "l": prompt})}
     state = ServerState(served, {"fake": pool}, api_key, 1_000_000, tuple(cors_origins))
     try:

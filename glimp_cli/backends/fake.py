@@ -24,7 +24,7 @@ FIRST_BYTE = 3  # token FIRST_BYTE + b stands for the single byte b
 MULTI = (b"The", b" answer", b" is", b"    ", "\u00e9".encode())  # multi-character / multi-byte tokens
 FIRST_MULTI = FIRST_BYTE + 256
 N_VOCAB = 1024
-PROMPT_END = "A:\n"  # the fake's prompt template must end its prompt with this
+PROMPT_END = "A:\n"  # the fake's prompt template must end its prompt with this (and no step may hold it)
 END = "<eos>"  # a scripted text ending in this ends generation instead of writing the delimiter
 WRONG_FORM_PENALTY = 1.0
 
@@ -141,7 +141,8 @@ class FakeBackend:
     def _trace_bytes(self) -> bytes:
         data = b"".join(self.token_bytes(t) for t in self._tokens)
         marker = PROMPT_END.encode()
-        return data.split(marker, 1)[1] if marker in data else b""
+        # The last one: a conversation's earlier turns in the prompt end with it too.
+        return data.rsplit(marker, 1)[1] if marker in data else b""
 
     def next_logits(self) -> np.ndarray:
         self._logits[:] = self._compute_logits()

@@ -31,6 +31,7 @@ class ServeOptions:
     max_body_bytes: int = 1_000_000
     cors_origins: tuple[str, ...] = ()  # as given: each may hold several, separated by commas
     quiet: bool = False  # no access-log line per request
+    prompt_cache: bool = True  # keep a conversation's earlier turns cached between its requests (Engine.prompt_cache)
     stop_seconds: float = STOP_SECONDS
     log: Callable[[str], None] = print
 

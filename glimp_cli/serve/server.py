@@ -78,6 +78,7 @@ def run(options: ServeOptions) -> str:
             try:
                 for _ in range(options.workers):
                     engines.append(Engine.load(options.registry, pair, {"small", "large"}))
+                    engines[-1].prompt_cache = options.prompt_cache
             except BaseException:
                 for engine in engines:
                     engine.close()

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import functools
 import math
-import queue
 import sys
 import threading
 import traceback
@@ -20,7 +19,7 @@ from glimp_cli import __version__
 from glimp_cli.engine import Engine, pair_policy
 from glimp_cli.errors import ContextLimitError, ConversationError, GlimpError
 from glimp_cli.grading import extract_answer
-from glimp_cli.prompts import Conversation, render_prompt
+from glimp_cli.prompts import Conversation, Turn, render_prompt
 from glimp_cli.serve.protocol import ApiError, CompletionRequest, finish_reason
 from glimp_cli.serve.stream import Aborted, TraceStream
 
@@ -40,6 +39,8 @@ class Job:
         self.final: tuple | None = None  # the first "done" or "error" event, read by the access log and /metrics
         prefix = "chatcmpl" if request.kind == "chat" else "cmpl"
         self.ident = f"{prefix}-{uuid.uuid4().hex}"
+        # The conversation this request continues (its turns before the question), for `WorkerPool`'s affinity.
+        self.continues = earlier_turns(request.question) if request.kind == "chat" else None
 
     def cancel(self, reason: str) -> None:
         """Stop the job at its next token (or skip it if it is still waiting)."""
@@ -60,7 +61,9 @@ class WorkerPool:
     """The workers of one pair and the requests admitted to wait for them.
 
     At most `workers + queue_size` requests are admitted at once; past that `submit` answers 503
-    with a Retry-After of the median recent request time.
+    with a Retry-After of the median recent request time. A conversation's next turn waits for the
+    worker that served its last turn while that worker is idle (its models hold the turn in their KV
+    cache); when that worker is busy, any worker takes it.
     """
 
     def __init__(self, name: str, engines: list[Engine], queue_size: int):
@@ -70,13 +73,16 @@ class WorkerPool:
         self.capacity = len(engines) + queue_size
         self.stopping = False  # set from the signal handler: only a flag, no lock
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a job arrived, a worker became free, or stop
         self._admitted = 0
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: deque[Job] = deque()
+        self._closing = False
         self._recent: deque[float] = deque(maxlen=32)
         self.busy = 0
         self.outcomes: dict[str, int] = {}  # how admitted jobs ended: done, error, disconnected, shutdown
         self._unfinished: set[Job] = set()  # admitted jobs whose worker has not finished them
         self._running: list[Job | None] = [None] * len(engines)  # each worker's job
+        self._served: list[tuple | None] = [None] * len(engines)  # the conversation each worker's cache holds
         # Set as each worker returns (after a Ctrl-C, Thread.join may take a live thread for stopped).
         self._exited = [threading.Event() for _ in engines]
         # Daemon threads: a worker that never returns (see `stop`) must not keep the process alive.
@@ -97,7 +103,8 @@ class WorkerPool:
                                headers={"Retry-After": str(self.retry_after())})
             self._admitted += 1
             self._unfinished.add(job)
-        self._jobs.put(job)
+            self._waiting.append(job)
+            self._changed.notify_all()
 
     def fit(self, request: CompletionRequest) -> CompletionRequest:
         """`fit_context` on this pool's models, run before the request takes a place in the queue.
@@ -134,8 +141,9 @@ class WorkerPool:
         Returns the workers still busy then, each with its request: they are abandoned, models and all.
         """
         self.stopping = True
-        for _ in self._threads:
-            self._jobs.put(None)
+        with self._lock:
+            self._closing = True
+            self._changed.notify_all()
         try:
             for exited in self._exited:
                 exited.wait(max(0.0, deadline - monotonic()))
@@ -158,13 +166,10 @@ class WorkerPool:
 
     def _serve_jobs(self, index: int, engine: Engine) -> None:
         while True:
-            job = self._jobs.get()
+            job = self._next_job(index)
             if job is None:
                 return
             start = perf_counter()
-            with self._lock:
-                self.busy += 1
-                self._running[index] = job
             outcome = "error"
             try:
                 outcome = run_job(engine, job, lambda: job.cancel_reason or (SHUTDOWN if self.stopping else None))
@@ -174,13 +179,70 @@ class WorkerPool:
                     self._admitted -= 1
                     self._unfinished.discard(job)
                     self._running[index] = None
+                    self._served[index] = served_turns(job)
                     self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+                    self._changed.notify_all()
                 self._recent.append(perf_counter() - start)
+
+    def _next_job(self, index: int) -> Job | None:
+        """The first waiting job worker `index` may take, once there is one; None when the pool stops.
+
+        A job that continues the conversation another idle worker served is left to that worker.
+        Jobs still waiting at a stop are taken all the same (each is answered that the server stops).
+        """
+        with self._lock:
+            while True:
+                for job in self._waiting:
+                    home = self._home(job)
+                    if self._closing or home is None or home == index or self._busy_with_unanswered(home):
+                        self._waiting.remove(job)
+                        self._running[index] = job
+                        self.busy += 1
+                        return job
+                if self._closing:
+                    return None
+                self._changed.wait()
+
+    def _home(self, job: Job) -> int | None:
+        """The worker whose cache holds the conversation `job` continues, or None.
+
+        A worker that has answered its job but not yet returned counts by that job: the client may
+        send the next turn before the worker is free.
+        """
+        if job.continues is None:
+            return None
+        for i, (running, held) in enumerate(zip(self._running, self._served)):
+            if running is not None and running.final is not None:
+                held = served_turns(running)
+            if held == job.continues:
+                return i
+        return None
+
+    def _busy_with_unanswered(self, worker: int) -> bool:
+        """Whether `worker` cannot take a job soon: it runs one not yet answered, or it has exited."""
+        running = self._running[worker]
+        return (running is not None and running.final is None) or self._exited[worker].is_set()
 
 
 def shutting_down() -> ApiError:
     return ApiError(503, "the server is shutting down", kind="server_error", code="server_shutting_down",
                     headers={"Retry-After": "1"})
+
+
+def earlier_turns(question: str) -> tuple | None:
+    """A chat question's system text and turns before the question asked, or None for a first turn."""
+    if not isinstance(question, Conversation) or len(question.turns) < 2:
+        return None
+    return question.system, question.turns[:-1]
+
+
+def served_turns(job: Job) -> tuple | None:
+    """What a conversation's next turn repeats of a finished chat job: its turns and the answer, or None."""
+    if job.request.kind != "chat" or job.final is None or job.final[0] != "done":
+        return None
+    question = job.request.question
+    system, turns = (question.system, question.turns) if isinstance(question, Conversation) else ("", (Turn("user", question),))
+    return system, turns + (Turn("assistant", job.final[1]["content"]),)
 
 
 def run_job(engine: Engine, job: Job, cancelled: Callable[[], str | None]) -> str:
