@@ -102,12 +102,14 @@ def one_thread_config(pair_name: str, folder: Path) -> Path:
     return path
 
 
-def start_server(config: Path, pair: str, workers: int, args, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(config: Path, pair: str, workers: int, args, log: Path,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """A `glimp serve` process on a free port of 127.0.0.1 with `extra` flags; returns it and its URL once healthy."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GLIMP_")}
     proc = subprocess.Popen([sys.executable, "-m", "glimp_cli", "serve", "--config", str(config), "--pair", pair,
                              "--port", str(port), "--workers", str(workers), "--queue", str(workers),
-                             "--max-tokens", str(args.max_tokens), "--max-step-tokens", str(args.max_step_tokens)],
+                             "--max-tokens", str(args.max_tokens), "--max-step-tokens", str(args.max_step_tokens), *extra],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     import urllib.request
 

@@ -20,7 +20,7 @@ import numpy as np
 from glimp_cli.entropy import exact_entropy
 from glimp_cli.errors import UsageError
 from glimp_cli.policies import LARGE, SMALL, Role
-from glimp_cli.prompts import render_prompt
+from glimp_cli.sides import ModelSlot, TokenSide
 
 SHARES = tuple(i / 10 for i in range(11))
 DEFAULT_STEP_TOKENS = 40  # a GSM8K reasoning line is ~20-40 tokens: the catch-up batch and tokens per probe
@@ -197,13 +197,6 @@ def rates_from_dict(data: Mapping) -> Rates:
 # --- measuring ----------------------------------------------------------------------------------
 
 
-def prompt_tokens(backend, fmt, question: str = SAMPLE_QUESTION) -> list[int]:
-    """A realistic context to measure after: the model's own prompt for a GSM8K question."""
-    text = render_prompt(fmt, question, backend.chat_template, backend.bos_token, backend.eos_token, backend.name)
-    bos = not (backend.bos_token and text.startswith(backend.bos_token))
-    return backend.tokenize(text, special=True, bos=bos)
-
-
 def step_tokens_of(backend, n: int) -> list[int]:
     """`n` tokens of reasoning text, as a catch-up batch would hold."""
     tokens: list[int] = []
@@ -269,7 +262,8 @@ def profile_engine(engine, step_tokens: int = DEFAULT_STEP_TOKENS) -> Profile:
         spec = engine.registry.model(getattr(engine.pair, role))
         models[role] = spec.name
         threads[role] = spec.threads or os.cpu_count() or 1
-        prompts[role] = prompt_tokens(backend, spec.prompt)
+        # A realistic context to measure after: the model's own prompt for a GSM8K question.
+        prompts[role] = TokenSide(ModelSlot(role, backend, spec.prompt), engine.pair.delimiter).prompt_tokens(SAMPLE_QUESTION)
     rates = measure_models({role: engine.backends[role] for role in (SMALL, LARGE)}, prompts, step_tokens)
     probe = measure_probe(engine.backends[SMALL])
     for backend in engine.backends.values():

@@ -69,11 +69,36 @@ class TokenSide:
         return self.backend.tokenize(text)
 
     def prompt_tokens(self, question: str) -> list[int]:
-        text = render_prompt(self.slot.prompt, question, self.backend.chat_template,
-                             self.backend.bos_token, self.backend.eos_token, self.backend.name)
+        """The prompt's tokens; a conversation's earlier answers in the tokens the contexts held them in.
+
+        Each earlier answer is tokenized as steps and delimiters, as the router settles a trace (a text
+        tokenized whole can differ: Qwen merges ".\n" into one token), so that the next turn can keep the
+        cache of the turn that wrote it. An answer the template does not write verbatim is tokenized with
+        the text around it.
+        """
+        b = self.backend
+        text = render_prompt(self.slot.prompt, question, b.chat_template, b.bos_token, b.eos_token, b.name)
         # A chat template may already write the BOS token as text.
-        bos = not (self.backend.bos_token and text.startswith(self.backend.bos_token))
-        return self.backend.tokenize(text, special=True, bos=bos)
+        bos = not (b.bos_token and text.startswith(b.bos_token))
+        tokens: list[int] = []
+        cut = seen = 0  # the text is tokenized up to `cut`, and searched for the turns up to `seen`
+        for turn in question.turns[:-1] if isinstance(question, Conversation) else ():
+            at = text.find(turn.content, seen) if turn.content else -1
+            if at < 0:
+                continue
+            if turn.role == "assistant":
+                tokens += b.tokenize(text[cut:at], special=True, bos=bos and cut == 0)
+                tokens += self.trace_tokens(turn.content)
+                cut = at + len(turn.content)
+            seen = at + len(turn.content)
+        return tokens + b.tokenize(text[cut:], special=True, bos=bos and cut == 0)
+
+    def trace_tokens(self, text: str) -> list[int]:
+        """A trace's text as the contexts hold it: each step in running-text tokens, then the delimiter's."""
+        tokens: list[int] = []
+        for i, step in enumerate(text.split(self.delimiter)):
+            tokens += (list(self.delim_tokens) if i else []) + self.continuation(step)
+        return tokens
 
     def header(self) -> tuple[int, ...]:
         """The prompt tokens that do not depend on the question (reused across questions)."""

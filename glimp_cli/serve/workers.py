@@ -19,7 +19,8 @@ from glimp_cli import __version__
 from glimp_cli.engine import Engine, pair_policy
 from glimp_cli.errors import ContextLimitError, ConversationError, GlimpError
 from glimp_cli.grading import extract_answer
-from glimp_cli.prompts import Conversation, Turn, render_prompt
+from glimp_cli.prompts import Conversation, Turn
+from glimp_cli.sides import ModelSlot, TokenSide
 from glimp_cli.serve.protocol import ApiError, CompletionRequest, finish_reason
 from glimp_cli.serve.stream import Aborted, TraceStream
 
@@ -311,13 +312,11 @@ def fit_context(engine: Engine, request: CompletionRequest) -> CompletionRequest
             room = min(room, backend.n_ctx)
             continue
         name = getattr(pair, role)
+        side = TokenSide(ModelSlot(role, backend, engine.registry.model(name).prompt), pair.delimiter)
         try:
-            text = render_prompt(engine.registry.model(name).prompt, request.question, backend.chat_template,
-                                 backend.bos_token, backend.eos_token, backend.name)
+            n = len(side.prompt_tokens(request.question))  # as the router tokenizes it
         except ConversationError as exc:
             raise ApiError(400, f"this conversation cannot be rendered: {exc}", param="messages") from None
-        bos = not (backend.bos_token and text.startswith(backend.bos_token))  # as the router tokenizes it
-        n = len(backend.tokenize(text, special=True, bos=bos))
         if n >= backend.n_ctx:
             what = "conversation" if isinstance(request.question, Conversation) else "question"
             raise ApiError(400, f"the prompt is {n} tokens but model {name!r} has a context of {backend.n_ctx} "
