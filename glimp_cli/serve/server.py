@@ -97,6 +97,7 @@ def run(options: ServeOptions) -> str:
                         "anyone who can reach this address can use the models")
         options.log(f"glimp serve: http://{where}:{port}/ ({ids}; {options.workers} worker(s) per pair, "
                     f"queue {options.queue_size}{', API key required' if api_key else ''}"
+                    f"{'' if options.prompt_cache else ', no prompt cache'}"
                     f"{', CORS for ' + ' '.join(cors_origins) if cors_origins else ''}); Ctrl-C stops")
         server.run(sockets=[sock])
         return signal.Signals(server.stop_signal).name if server.stop_signal else "stopped"
