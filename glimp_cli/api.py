@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Union
 
 from glimp_cli.config import PairSpec, Registry, apply_overrides, load_registry
 from glimp_cli.errors import InputError, UsageError
+from glimp_cli.typed_yaml import field_value
 
 if TYPE_CHECKING:
     from glimp_cli.questions import Question
@@ -56,7 +57,8 @@ def load_pair(name: str | None = None, *, config: str | Path | None = None, prob
     if unknown:
         raise UsageError(f"load_pair: no setting named {unknown[0]!r} (known: {', '.join(SETTINGS)})")
     registry = load_registry(config)
-    given = {key: (value, ARGUMENT) for key, value in settings.items() if value is not None}
+    given = {key: (field_value(PairSpec, key, value, "load_pair"), ARGUMENT)
+             for key, value in settings.items() if value is not None}
     pair, _ = with_settings(registry, registry.pair(name), given)
     return Pair(registry, pair, probe_baseline)
 

@@ -32,7 +32,12 @@ def build_dataclass(cls, raw: dict, path: Path, where: str, nested_where: dict |
     return cls(**values)
 
 
-def _convert(value: Any, hint: Any, path: Path, where: str) -> Any:
+def field_value(cls, key: str, value: Any, source: str) -> Any:
+    """`value` for field `key` of dataclass `cls`, checked as in models.yaml; an error names `source` and `key`."""
+    return _convert(value, typing.get_type_hints(cls)[key], source, key)
+
+
+def _convert(value: Any, hint: Any, path: Path | str, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):

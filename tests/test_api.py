@@ -117,6 +117,11 @@ def test_unknown_or_bad_settings_are_refused_before_loading(no_models, isolated)
         load_pair("tiny", top_p=0)
     with pytest.raises(ConfigError, match="no pair named 'nope'"):
         load_pair("nope")
+    # A value of the wrong type is refused as models.yaml would refuse it, naming the key.
+    for key, value, words in [("tau", "1", "expected a number, got '1'"), ("max_tokens", 2.5, "expected an integer"),
+                              ("delimiter", 3, "expected a string"), ("temperature", True, "expected a number")]:
+        with pytest.raises(ConfigError, match=f"load_pair: {key}: {words}"):
+            load_pair("tiny", **{key: value})
 
 
 def test_import_glimp_cli_loads_no_engine():
