@@ -113,3 +113,42 @@ GSM8K_QUESTIONS = [
     "Billy sells DVDs. He has 8 customers on Tuesday. His first 3 customers buy one DVD each. His next 2 "
     "customers buy 2 DVDs each. His last 3 customers don't buy any DVDs. How many DVDs did Billy sell on Tuesday?",
 ]
+
+
+@pytest.fixture
+def serve_options(monkeypatch, isolated):
+    """`options(args)`: the ServeOptions `glimp serve ARGS` would start the server with (nothing is started)."""
+    from typer.testing import CliRunner
+
+    import glimp_cli.serve
+    from glimp_cli.cli import app
+
+    asked = []
+    monkeypatch.setattr(glimp_cli.serve, "serve", lambda options: asked.append(options) or "stopped")
+
+    def options(args: list[str]):
+        result = CliRunner().invoke(app, ["serve", *args])
+        assert result.exit_code == 0, result.output
+        return asked[-1]
+
+    return options
+
+
+@pytest.fixture
+def served_state(monkeypatch):
+    """`state(options)`: run the real server start-up on fake models (nothing listens) and return its ServerState."""
+    import glimp_cli.serve.server as server
+    from glimp_cli.engine import Engine
+
+    built = []
+    monkeypatch.setattr(Engine, "load", classmethod(
+        lambda cls, registry, pair, roles: Engine(registry, pair, {"small": FakeBackend("s", "small", FIVE_STEPS),
+                                                                   "large": FakeBackend("l", "large", FIVE_STEPS)})))
+    monkeypatch.setattr(server, "build_app", lambda state: built.append(state) or (lambda *a: None))
+    monkeypatch.setattr(server._Server, "run", lambda self, sockets=None: None)
+
+    def state(options):
+        assert server.run(options) == "stopped"
+        return built[-1]
+
+    return state

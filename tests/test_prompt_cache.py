@@ -228,32 +228,16 @@ def test_an_earlier_answer_is_tokenized_as_the_contexts_held_it_not_as_text_toke
         backend.close()
 
 
-def test_no_prompt_cache_passes_from_the_command_line_to_every_worker_engine(monkeypatch, isolated):
-    from typer.testing import CliRunner
-
+def test_no_prompt_cache_passes_from_the_command_line_to_every_worker_engine(serve_options, served_state):
     import glimp_cli.serve
-    import glimp_cli.serve.server as server
-    from glimp_cli.backends.fake import FakeBackend
-    from glimp_cli.cli import app
 
-    asked = []
-    monkeypatch.setattr(glimp_cli.serve, "serve", lambda options: asked.append(options) or "stopped")
     for args, cache in ([], True), (["--no-prompt-cache"], False), (["--prompt-cache"], True):
-        result = CliRunner().invoke(app, ["serve", *args])
-        assert result.exit_code == 0, result.output
-        assert asked[-1].prompt_cache is cache
-
-    built = []
-    monkeypatch.setattr(Engine, "load", classmethod(
-        lambda cls, registry, pair, roles: Engine(registry, pair, {"small": FakeBackend("s", "small", FIVE_STEPS),
-                                                                   "large": FakeBackend("l", "large", FIVE_STEPS)})))
-    monkeypatch.setattr(server, "build_app", lambda state: built.append(state) or (lambda *a: None))
-    monkeypatch.setattr(server._Server, "run", lambda self, sockets=None: None)
+        assert serve_options(args).prompt_cache is cache
     for cache in (True, False):
         said: list[str] = []
-        options = glimp_cli.serve.ServeOptions(REGISTRY, [PAIR], port=0, workers=2, prompt_cache=cache, log=said.append)
-        assert server.run(options) == "stopped"
-        engines = built[-1].pools["fake"].engines
+        state = served_state(glimp_cli.serve.ServeOptions(REGISTRY, [PAIR], port=0, workers=2, prompt_cache=cache,
+                                                          log=said.append))
+        engines = state.pools["fake"].engines
         assert [e.prompt_cache for e in engines] == [cache, cache]
         assert [router._sides[SMALL].prompt_cache for router in (e.router(threshold(1.0)) for e in engines)] == [cache] * 2
         assert ("no prompt cache" in said[0]) is (not cache)

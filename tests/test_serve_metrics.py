@@ -268,33 +268,17 @@ def test_one_access_log_line_per_request_with_model_and_tokens():
     assert seen[5] == ("GET", "/v1/x%0Ay", "404", "-", "-", "not_found")
 
 
-def test_quiet_passes_from_the_command_line_to_a_server_without_access_log(monkeypatch, isolated):
-    from typer.testing import CliRunner
-
+def test_quiet_passes_from_the_command_line_to_a_server_without_access_log(serve_options, served_state):
     import glimp_cli.serve
-    import glimp_cli.serve.server as server
-    from glimp_cli.cli import app
-    from glimp_cli.engine import Engine
 
-    asked = []
-    monkeypatch.setattr(glimp_cli.serve, "serve", lambda options: asked.append(options) or "stopped")
     for args, quiet in ([], False), (["--quiet"], True):
-        result = CliRunner().invoke(app, ["serve", *args])
-        assert result.exit_code == 0, result.output
-        assert asked[-1].quiet is quiet
+        assert serve_options(args).quiet is quiet
 
     # The server's side: --quiet leaves the app without an access log; the startup lines still go to `log`.
-    built = []
-    monkeypatch.setattr(Engine, "load", classmethod(
-        lambda cls, registry, pair, roles: Engine(registry, pair, {"small": FakeBackend("s", "small", SCRIPT),
-                                                                   "large": FakeBackend("l", "large", SCRIPT)})))
-    monkeypatch.setattr(server, "build_app", lambda state: built.append(state) or (lambda *a: None))
-    monkeypatch.setattr(server._Server, "run", lambda self, sockets=None: None)
     registry = Registry({n: ModelSpec(n, prompt=FAKE_PROMPT) for n in ("s", "l")}, {}, "fake", [], {}, {})
     for quiet in (False, True):
         said: list[str] = []
-        options = glimp_cli.serve.ServeOptions(registry, [PairSpec("fake", "s", "l")], port=0, quiet=quiet,
-                                               log=said.append)
-        assert server.run(options) == "stopped"
-        assert built[-1].access_log == (None if quiet else said.append)
+        state = served_state(glimp_cli.serve.ServeOptions(registry, [PairSpec("fake", "s", "l")], port=0, quiet=quiet,
+                                                          log=said.append))
+        assert state.access_log == (None if quiet else said.append)
         assert said and said[0].startswith("glimp serve: http://127.0.0.1:")
